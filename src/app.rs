@@ -1,0 +1,167 @@
+//! The one place that sees every part: builds the engine, the hub and the router, runs the
+//! background loops, and owns shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, EngineChoice};
+use crate::engine::sqlite::{SqliteEngine, SqliteOptions};
+use crate::engine::{Engine, EngineError};
+use crate::http::auth::Auth;
+use crate::http::ratelimit::RateLimiter;
+use crate::http::{AppInner, AppState};
+use crate::hub::live::Live;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("refusing to listen on {0} without [auth] api_keys: anyone could publish and read. Set auth.api_keys, or pass --insecure to accept that")]
+    InsecureListen(String),
+    #[error("the Redis engine is not available in this build yet; use the embedded engine")]
+    RedisUnavailable,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// How often retention is enforced (the spec allows 10 s).
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+/// Is `listen` a loopback address (127.0.0.0/8, ::1, localhost)?
+pub fn is_loopback(listen: &str) -> bool {
+    let host = match listen.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => listen,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses a configuration that would expose an open hub.
+pub fn check_exposure(config: &Config) -> Result<(), StartError> {
+    if !is_loopback(&config.listen) && config.auth.api_keys.is_empty() && !config.insecure {
+        return Err(StartError::InsecureListen(config.listen.clone()));
+    }
+    Ok(())
+}
+
+pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
+    TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })
+}
+
+/// Runs Tidings on `listener` until `shutdown` fires; returns once everything is flushed.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    check_exposure(&config)?;
+    let metrics = Arc::new(Metrics::default());
+    let retention = Arc::new(config.retention.clone());
+    let live = Arc::new(Live::new(retention.clone()));
+    let engine: Arc<dyn Engine> = match &config.engine {
+        EngineChoice::Embedded => Arc::new(SqliteEngine::open(
+            &SqliteOptions {
+                dir: config.data.clone(),
+                sync: config.sync,
+                dedupe_window_ms: i64::try_from(config.dedupe_window.as_millis())
+                    .unwrap_or(i64::MAX),
+            },
+            live.clone(),
+            metrics.clone(),
+        )?),
+        EngineChoice::Redis(_) => return Err(StartError::RedisUnavailable),
+    };
+    let hub = Arc::new(Hub::new(engine.clone(), live, retention, metrics));
+    let tasks = TaskTracker::new();
+    let state = AppState(Arc::new(AppInner {
+        hub: hub.clone(),
+        auth: Auth::new(config.auth.clone(), Vec::new()),
+        rate: RateLimiter::new(config.publish_per_second_per_ip),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+        max_subscriptions: config.max_subscriptions_per_connection,
+        cors_origins: config.cors_origins.clone(),
+    }));
+    tasks.spawn(maintain(
+        hub.clone(),
+        config.dedupe_window,
+        shutdown.clone(),
+    ));
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    if let Some(addr) = local {
+        tracing::info!(%addr, "Tidings is listening");
+    }
+    crate::http::serve(
+        listener,
+        crate::http::router(state),
+        shutdown.clone(),
+        config.shutdown_grace,
+    )
+    .await;
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tasks.len(),
+            "connections still open after the grace period; closing anyway"
+        );
+    }
+    engine.close().await;
+    tracing::info!("Tidings stopped; the store is flushed");
+    Ok(())
+}
+
+/// Retention and memory upkeep, until shutdown.
+async fn maintain(hub: Arc<Hub>, dedupe_window: Duration, shutdown: CancellationToken) {
+    let window_ms = i64::try_from(dedupe_window.as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match hub.engine().prune(hub.retention(), window_ms).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "retention pruned messages"),
+            Err(error) => tracing::warn!(%error, "retention pass failed; will retry"),
+        }
+        hub.live().evict_idle(5 * 60 * 1000);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_addresses() {
+        for ok in ["127.0.0.1:8080", "127.1.2.3:1", "[::1]:80", "localhost:8080"] {
+            assert!(is_loopback(ok), "{ok}");
+        }
+        for bad in ["0.0.0.0:8080", "10.0.0.1:80", "[::]:80", "example.org:80"] {
+            assert!(!is_loopback(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Storage engines: where channel histories, dedupe keys and channel metadata live.
+//!
+//! An engine commits publishes durably and, after each commit, hands the committed messages to
+//! a [`LiveSink`] in seq order, so live delivery never runs ahead of durability. The hub knows
+//! nothing about SQL or Redis; engines know nothing about transports.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::hub::retention::RetentionRules;
+use crate::hub::types::{ChannelName, Epoch, NewMessage, Seq, SharedMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for EngineError {
+    fn from(e: rusqlite::Error) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// The outcome of publishing one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub seq: Seq,
+    pub id: String,
+    pub duplicate: bool,
+}
+
+/// A slice of a channel's retained history.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub epoch: Epoch,
+    pub messages: Vec<SharedMessage>,
+    pub last_seq: Seq,
+    /// The oldest retained seq (`last_seq + 1` when nothing is retained).
+    pub first_seq: Seq,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChannelMeta {
+    pub name: ChannelName,
+    pub epoch: Epoch,
+    pub last_seq: Seq,
+    pub messages: u64,
+    pub last_activity_ms: Option<i64>,
+}
+
+/// Receives committed messages in commit order; implemented by the hub's live fan-out.
+pub trait LiveSink: Send + Sync + 'static {
+    /// `messages` are one channel's, consecutive, in seq order, all of `epoch`.
+    fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]);
+    /// The channel's history was dropped; `epoch` is the new one and seq restarts at 1.
+    fn reset(&self, channel: &ChannelName, epoch: &Epoch);
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Commits `batch` atomically and in order, deduplicating by id, then notifies the sink.
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Published>, EngineError>;
+
+    /// Messages with seq > `after`, at most `limit`, none accepted before `not_before_ms`.
+    async fn read(
+        &self,
+        channel: &ChannelName,
+        after: Seq,
+        limit: usize,
+        not_before_ms: i64,
+    ) -> Result<Page, EngineError>;
+
+    async fn channel(&self, channel: &ChannelName) -> Result<ChannelMeta, EngineError>;
+
+    async fn channels(&self) -> Result<Vec<ChannelMeta>, EngineError>;
+
+    /// Drops a channel's history and dedupe keys; returns the new epoch.
+    async fn delete_channel(&self, channel: &ChannelName) -> Result<Epoch, EngineError>;
+
+    /// Applies retention and expires dedupe keys older than `dedupe_window_ms`.
+    async fn prune(
+        &self,
+        rules: &RetentionRules,
+        dedupe_window_ms: i64,
+    ) -> Result<u64, EngineError>;
+
+    async fn health(&self) -> Result<(), EngineError>;
+
+    /// Finishes pending writes; later calls fail with `Unavailable`.
+    async fn close(&self);
+}

@@ -1,0 +1,10 @@
+//! Tidings: a real-time hub for background work. See `ARCHITECTURE.md` for the map.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod hub;
+pub mod metrics;

@@ -1,0 +1,161 @@
+//! The `tidings` command: parses flags, sets up logging, and hands off to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use tidings::cli::{self, Client};
+use tidings::config::{Config, Overrides};
+
+/// Tidings: a real-time hub for background work.
+///
+/// Jobs publish messages to channels; Tidings stores each channel's history durably and pushes
+/// every new message to browsers (WebSocket, SSE, long-poll), terminals and webhooks. A reader
+/// who joins late or reconnects gets exactly what it missed, in order, then the live stream.
+#[derive(Parser, Debug)]
+#[command(name = "tidings", version, propagate_version = true)]
+struct Cli {
+    /// The hub client commands talk to.
+    #[arg(long, global = true, env = "TIDINGS_URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// API key (or client token) sent as a Bearer credential.
+    #[arg(long, global = true, env = "TIDINGS_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the hub (embedded store in ./tidings-data unless told otherwise).
+    ///
+    /// Configuration comes from --config (TOML), then TIDINGS__SECTION__KEY environment
+    /// variables (e.g. TIDINGS__SERVER__LISTEN), then these flags. See tidings.example.toml.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory of the embedded store.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Storage engine: "embedded" or redis://host:port/db.
+        #[arg(long)]
+        engine: Option<String>,
+        /// Allow listening on a non-loopback address without API keys.
+        #[arg(long)]
+        insecure: bool,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Publish one message: DATA is JSON (text that is not JSON is sent as a string); "-" or
+    /// nothing reads standard input.
+    Publish {
+        channel: String,
+        data: Option<String>,
+        /// Event name (default "message").
+        #[arg(long)]
+        event: Option<String>,
+        /// Idempotency key: a second publish with the same id stores nothing.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print a channel's messages as they arrive, one JSON object per line.
+    Tail {
+        channel: String,
+        /// Start after this seq (0 = the whole retained history); default: new messages only.
+        #[arg(long)]
+        since: Option<u64>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received; shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let client = Client::new(&cli.server, cli.key.clone());
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data,
+            engine,
+            insecure,
+            check,
+        } => {
+            let overrides = Overrides {
+                listen,
+                data,
+                engine,
+                insecure,
+            };
+            let config = Config::load(config.as_deref(), &overrides)?;
+            tidings::app::check_exposure(&config)?;
+            if check {
+                println!("configuration is valid");
+                return Ok(());
+            }
+            let listener = tidings::app::bind(&config).await?;
+            let addr = listener.local_addr().context("no local address")?;
+            println!("tidings listening on http://{addr}");
+            let shutdown = CancellationToken::new();
+            cancel_on_signals(shutdown.clone())?;
+            tidings::app::run(config, listener, shutdown).await?;
+        }
+        Command::Publish {
+            channel,
+            data,
+            event,
+            id,
+        } => {
+            let data = cli::message_data(data.as_deref())?;
+            let result = cli::publish(&client, &channel, data, event, id).await?;
+            println!("{result}");
+        }
+        Command::Tail { channel, since } => {
+            let mut stdout = std::io::stdout();
+            cli::tail(&client, &channel, since, &mut stdout).await?;
+        }
+    }
+    Ok(())
+}
