@@ -206,6 +206,9 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
         .map_err(|e| invalid(key, format!("{text:?} is not a duration like \"30s\", \"5m\" or \"7d\" ({e})")))
 }
 
+/// Top-level sections read by subsystems other than the core (each validates its own).
+const LATER_SECTIONS: &[&str] = &["jobs", "feeds", "webhooks", "webhook_policy"];
+
 fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<Config, ConfigError> {
     let listen = overrides.listen.clone().unwrap_or(raw.server.listen);
     if listen.trim().is_empty() {
@@ -256,6 +259,9 @@ fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<C
         }
         rules.push((pattern, Retention { max_messages, max_age }));
     }
+    if let Some(unknown) = raw.rest.keys().find(|k| !LATER_SECTIONS.contains(&k.as_str())) {
+        return Err(invalid(unknown.clone(), "unknown section"));
+    }
     let dedupe_window = parse_duration("limits.dedupe_window", &raw.limits.dedupe_window)?;
     let shutdown_grace = parse_duration("server.shutdown_grace", &raw.server.shutdown_grace)?;
     Ok(Config {
@@ -294,6 +300,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../tidings.example.toml");
+        let c = Config::from_toml(text, &Overrides::default()).unwrap();
+        assert_eq!(c.auth.public.len(), 2);
+        let chat = crate::hub::types::ChannelName::parse("chat:x").unwrap();
+        assert_eq!(c.retention.for_channel(&chat).max_messages, 500);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[limits]\ndedupe_window = \"soon\"", "limits.dedupe_window"),
@@ -302,6 +317,7 @@ mod tests {
             ("[server]\nlisten = 5", "server.listen"),
             ("[server]\nbogus = 1", "bogus"),
             ("[auth]\npublic = [\"bad name\"]", "auth.public"),
+            ("[typo]\nx = 1", "typo"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text, &Overrides::default()).unwrap_err().to_string();
