@@ -31,8 +31,10 @@ use crate::metrics::transport;
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const PING_EVERY: Duration = Duration::from_secs(25);
 pub const DEAD_AFTER: Duration = Duration::from_secs(60);
-/// Outbound queue length, in batches.
-const OUTBOUND_QUEUE: usize = 64;
+/// Outbound queue length, in batches (of at most `hub::MAX_BATCH` messages).
+const OUTBOUND_QUEUE: usize = 16;
+/// Publishes a connection may have queued before it must wait for acks.
+const PUBLISHES_IN_FLIGHT: usize = 256;
 const SLOW_CONSUMER_AFTER: Duration = Duration::from_secs(5);
 /// A write the client does not drain in this time ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +69,7 @@ pub async fn upgrade(
         .max_frame_size(MAX_FRAME_BYTES)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| {
             let tasks = app.tasks.clone();
             tasks.track_future(serve_connection(app, who, socket))
@@ -109,6 +112,9 @@ struct Connection {
     out: mpsc::Sender<Outbound>,
     subscriptions: HashMap<ChannelName, JoinHandle<()>>,
     publisher: Option<mpsc::Sender<(ChannelName, PublishItem, Option<Value>)>>,
+    /// Direct answers to the frame just handled; the connection loop writes them itself, so
+    /// handling a frame never waits on the outbound queue the same loop drains.
+    replies: Vec<Utf8Bytes>,
 }
 
 async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
@@ -121,6 +127,7 @@ async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
         out: out_tx,
         subscriptions: HashMap::new(),
         publisher: None,
+        replies: Vec::new(),
     };
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = tokio::time::Instant::now();
@@ -149,11 +156,14 @@ async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
                         break too_big.then_some((CLOSE_TOO_BIG, "frame over 1 MiB"));
                     }
                     Some(Ok(WsMessage::Text(text))) => conn.handle_text(&text).await,
-                    Some(Ok(WsMessage::Binary(_))) => conn.send_text(error_frame(
+                    Some(Ok(WsMessage::Binary(_))) => conn.reply(error_frame(
                         "bad_request", "binary frames are not part of the protocol; send JSON text", None, None,
-                    )).await,
+                    )),
                     Some(Ok(WsMessage::Close(_))) => break None,
                     Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
+                }
+                if !conn.replies.is_empty() && !write_replies(&mut sink, &mut conn.replies).await {
+                    break None;
                 }
             }
             _ = ping.tick() => {
@@ -241,11 +251,23 @@ async fn write_outbound(
     }
 }
 
+/// Writes the direct replies of one client frame; false when the client is gone or stuck.
+async fn write_replies(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    replies: &mut Vec<Utf8Bytes>,
+) -> bool {
+    let write = async {
+        for text in replies.drain(..) {
+            sink.feed(WsMessage::Text(text)).await?;
+        }
+        sink.flush().await
+    };
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
+}
+
 impl Connection {
-    async fn send_text(&self, text: Utf8Bytes) {
-        // Replies wait for queue space like messages do; a full queue means a slow client,
-        // which the subscription tasks detect and close.
-        let _ = self.out.send(Outbound::Text(text)).await;
+    fn reply(&mut self, text: Utf8Bytes) {
+        self.replies.push(text);
     }
 
     async fn handle_text(&mut self, text: &str) {
@@ -253,7 +275,7 @@ impl Connection {
             Ok(f) => f,
             Err(e) => {
                 let msg = format!("frame is not a JSON object of the protocol: {e}");
-                return self.send_text(error_frame("bad_request", &msg, None, None)).await;
+                return self.reply(error_frame("bad_request", &msg, None, None));
             }
         };
         let reference = frame.reference.clone();
@@ -262,7 +284,7 @@ impl Connection {
             Some("unsubscribe") => self.unsubscribe(frame).await,
             Some("publish") => self.publish(frame).await,
             Some("ping") => {
-                self.send_text(Utf8Bytes::from_static("{\"op\":\"pong\"}")).await;
+                self.reply(Utf8Bytes::from_static("{\"op\":\"pong\"}"));
                 Ok(())
             }
             Some(other) => Err((
@@ -278,8 +300,7 @@ impl Connection {
                 ApiError::Unauthorized(_) | ApiError::Forbidden(_) => "forbidden",
                 other => other.code(),
             };
-            self.send_text(error_frame(code, &e.to_string(), reference.as_ref(), channel.as_deref()))
-                .await;
+            self.reply(error_frame(code, &e.to_string(), reference.as_ref(), channel.as_deref()));
         }
     }
 
@@ -321,8 +342,7 @@ impl Connection {
                 "this connection already holds {} subscriptions, the limit",
                 self.subscriptions.len()
             );
-            self.send_text(error_frame("too_many_subscriptions", &msg, frame.reference.as_ref(), Some(channel.as_str())))
-                .await;
+            self.reply(error_frame("too_many_subscriptions", &msg, frame.reference.as_ref(), Some(channel.as_str())));
             return Ok(());
         }
         let start = match since {
@@ -345,7 +365,7 @@ impl Connection {
             task.abort();
         }
         let reply = json!({"op": "unsubscribed", "channel": channel}).to_string();
-        self.send_text(Utf8Bytes::from(reply)).await;
+        self.reply(Utf8Bytes::from(reply));
         Ok(())
     }
 
@@ -362,13 +382,21 @@ impl Connection {
             id: frame.id,
         };
         let publisher = self.publisher.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(256);
+            let (tx, rx) = mpsc::channel(PUBLISHES_IN_FLIGHT);
             tokio::spawn(run_publisher(self.app.clone(), rx, self.out.clone()));
             tx
         });
         // Publishes of one connection are applied one after another, in the order sent.
-        let _ = publisher.send((channel, item, frame.reference)).await;
-        Ok(())
+        let name = channel.to_string();
+        match publisher.try_send((channel, item, frame.reference)) {
+            Ok(()) => Ok(()),
+            Err(_) => Err((
+                ApiError::RateLimited(format!(
+                    "more than {PUBLISHES_IN_FLIGHT} publishes in flight on this connection; wait for acks"
+                )),
+                Some(name),
+            )),
+        }
     }
 }
 
