@@ -157,7 +157,12 @@ mod tests {
 
     #[test]
     fn loopback_addresses() {
-        for ok in ["127.0.0.1:8080", "127.1.2.3:1", "[::1]:80", "localhost:8080"] {
+        for ok in [
+            "127.0.0.1:8080",
+            "127.1.2.3:1",
+            "[::1]:80",
+            "localhost:8080",
+        ] {
             assert!(is_loopback(ok), "{ok}");
         }
         for bad in ["0.0.0.0:8080", "10.0.0.1:80", "[::]:80", "example.org:80"] {

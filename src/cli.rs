@@ -68,7 +68,8 @@ pub fn message_data(arg: Option<&str>) -> Result<serde_json::Value, ClientError>
         Some(s) => s.to_owned(),
     };
     let trimmed = text.trim_end_matches(['\n', '\r']);
-    Ok(serde_json::from_str(trimmed).unwrap_or_else(|_| serde_json::Value::String(trimmed.to_owned())))
+    Ok(serde_json::from_str(trimmed)
+        .unwrap_or_else(|_| serde_json::Value::String(trimmed.to_owned())))
 }
 
 pub async fn publish(
@@ -150,7 +151,9 @@ pub async fn tail(
                         writeln!(out, "{}", event.data)?;
                         out.flush()?;
                     }
-                    Some("reset") => eprintln!("tidings: history was reset or truncated: {}", event.data),
+                    Some("reset") => {
+                        eprintln!("tidings: history was reset or truncated: {}", event.data)
+                    }
                     Some(_) => {}
                 }
             }

@@ -27,6 +27,9 @@ mod tests {
     #[test]
     fn formats_milliseconds_in_utc() {
         assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(super::rfc3339_ms(1_795_000_000_123), "2026-11-18T08:26:40.123Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_000_000_123),
+            "2026-11-18T11:06:40.123Z"
+        );
     }
 }

@@ -152,7 +152,11 @@ impl Config {
         Self::load_from(file, Env::prefixed("TIDINGS__").split("__"), overrides)
     }
 
-    fn load_from(file: Option<&Path>, env: Env, overrides: &Overrides) -> Result<Self, ConfigError> {
+    fn load_from(
+        file: Option<&Path>,
+        env: Env,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -202,23 +206,36 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| invalid(key, format!("{text:?} is not a duration like \"30s\", \"5m\" or \"7d\" ({e})")))
+    humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration like \"30s\", \"5m\" or \"7d\" ({e})"),
+        )
+    })
 }
 
 /// Top-level sections read by subsystems other than the core (each validates its own).
 const LATER_SECTIONS: &[&str] = &["jobs", "feeds", "webhooks", "webhook_policy"];
 
-fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<Config, ConfigError> {
+fn resolve(
+    raw: RawConfig,
+    overrides: &Overrides,
+    base_dir: PathBuf,
+) -> Result<Config, ConfigError> {
     let listen = overrides.listen.clone().unwrap_or(raw.server.listen);
     if listen.trim().is_empty() {
-        return Err(invalid("server.listen", "must be an address like 127.0.0.1:8080"));
+        return Err(invalid(
+            "server.listen",
+            "must be an address like 127.0.0.1:8080",
+        ));
     }
     let data = overrides.data.clone().unwrap_or(raw.server.data);
     let engine = match overrides.engine.clone().or(raw.server.engine) {
         None => EngineChoice::Embedded,
         Some(e) if e == "embedded" || e == "sqlite" => EngineChoice::Embedded,
-        Some(e) if e.starts_with("redis://") || e.starts_with("rediss://") => EngineChoice::Redis(e),
+        Some(e) if e.starts_with("redis://") || e.starts_with("rediss://") => {
+            EngineChoice::Redis(e)
+        }
         Some(e) => {
             return Err(invalid(
                 "server.engine",
@@ -227,13 +244,20 @@ fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<C
         }
     };
     if raw.server.max_subscriptions_per_connection == 0 {
-        return Err(invalid("server.max_subscriptions_per_connection", "must be at least 1"));
+        return Err(invalid(
+            "server.max_subscriptions_per_connection",
+            "must be at least 1",
+        ));
     }
     let auth_raw = raw.auth.unwrap_or_default();
     if auth_raw.api_keys.iter().any(|k| k.trim().is_empty()) {
         return Err(invalid("auth.api_keys", "keys must not be empty"));
     }
-    if auth_raw.token_secret.as_deref().is_some_and(|s| s.is_empty()) {
+    if auth_raw
+        .token_secret
+        .as_deref()
+        .is_some_and(|s| s.is_empty())
+    {
         return Err(invalid("auth.token_secret", "must not be empty"));
     }
     let public = auth_raw
@@ -244,7 +268,8 @@ fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<C
     let mut rules = Vec::new();
     for (i, r) in raw.retention.iter().enumerate() {
         let key = format!("retention[{i}]");
-        let pattern = Pattern::parse(&r.pattern).map_err(|e| invalid(format!("{key}.pattern"), e.0))?;
+        let pattern =
+            Pattern::parse(&r.pattern).map_err(|e| invalid(format!("{key}.pattern"), e.0))?;
         let defaults = RetentionRules::default().for_channel_pattern(&pattern);
         let max_messages = r.max_messages.unwrap_or(defaults.max_messages);
         if max_messages == 0 {
@@ -257,9 +282,19 @@ fn resolve(raw: RawConfig, overrides: &Overrides, base_dir: PathBuf) -> Result<C
         if max_age.is_zero() {
             return Err(invalid(format!("{key}.max_age"), "must be longer than 0"));
         }
-        rules.push((pattern, Retention { max_messages, max_age }));
+        rules.push((
+            pattern,
+            Retention {
+                max_messages,
+                max_age,
+            },
+        ));
     }
-    if let Some(unknown) = raw.rest.keys().find(|k| !LATER_SECTIONS.contains(&k.as_str())) {
+    if let Some(unknown) = raw
+        .rest
+        .keys()
+        .find(|k| !LATER_SECTIONS.contains(&k.as_str()))
+    {
         return Err(invalid(unknown.clone(), "unknown section"));
     }
     let dedupe_window = parse_duration("limits.dedupe_window", &raw.limits.dedupe_window)?;
@@ -313,19 +348,25 @@ mod tests {
         let cases = [
             ("[limits]\ndedupe_window = \"soon\"", "limits.dedupe_window"),
             ("[[retention]]\npattern = \"a*b\"", "retention[0].pattern"),
-            ("[[retention]]\npattern = \"x\"\nmax_age = \"-1\"", "retention[0].max_age"),
+            (
+                "[[retention]]\npattern = \"x\"\nmax_age = \"-1\"",
+                "retention[0].max_age",
+            ),
             ("[server]\nlisten = 5", "server.listen"),
             ("[server]\nbogus = 1", "bogus"),
             ("[auth]\npublic = [\"bad name\"]", "auth.public"),
             ("[typo]\nx = 1", "typo"),
         ];
         for (text, key) in cases {
-            let err = Config::from_toml(text, &Overrides::default()).unwrap_err().to_string();
+            let err = Config::from_toml(text, &Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
     fn environment_overrides_file_and_flags_override_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("t.toml", "[server]\nlisten = \"127.0.0.1:1\"\ndata = \"d\"")?;

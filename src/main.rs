@@ -18,7 +18,12 @@ use tidings::config::{Config, Overrides};
 #[command(name = "tidings", version, propagate_version = true)]
 struct Cli {
     /// The hub client commands talk to.
-    #[arg(long, global = true, env = "TIDINGS_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     /// API key (or client token) sent as a Bearer credential.
     #[arg(long, global = true, env = "TIDINGS_KEY", hide_env_values = true)]
@@ -81,6 +86,12 @@ enum Command {
         #[arg(long)]
         since: Option<u64>,
     },
+    /// Load-test a hub running on this machine (loopback only): prints one JSON report to
+    /// stdout and a summary line to stderr; exits non-zero if work is missing at --timeout.
+    Bench {
+        #[command(subcommand)]
+        scenario: tidings::bench::Scenario,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -135,11 +146,13 @@ async fn main() -> anyhow::Result<()> {
                 println!("configuration is valid");
                 return Ok(());
             }
+            // Signals are handled before anyone can learn the address, so a SIGTERM sent as
+            // soon as the listening line appears still shuts down gracefully.
+            let shutdown = CancellationToken::new();
+            cancel_on_signals(shutdown.clone())?;
             let listener = tidings::app::bind(&config).await?;
             let addr = listener.local_addr().context("no local address")?;
             println!("tidings listening on http://{addr}");
-            let shutdown = CancellationToken::new();
-            cancel_on_signals(shutdown.clone())?;
             tidings::app::run(config, listener, shutdown).await?;
         }
         Command::Publish {
@@ -155,6 +168,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Tail { channel, since } => {
             let mut stdout = std::io::stdout();
             cli::tail(&client, &channel, since, &mut stdout).await?;
+        }
+        Command::Bench { scenario } => {
+            tidings::bench::run(&client.server, client.key.clone(), scenario).await?;
         }
     }
     Ok(())

@@ -27,8 +27,8 @@ pub fn transport(name: &'static str) -> TransportLabel {
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        2.5, 5.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
     ]
     .into_iter()
 }
@@ -37,9 +37,17 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tidings");
         let connections = Family::<TransportLabel, Gauge>::default();
-        registry.register("connections", "Open client connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
         let subscriptions = Gauge::default();
-        registry.register("subscriptions", "Active channel subscriptions", subscriptions.clone());
+        registry.register(
+            "subscriptions",
+            "Active channel subscriptions",
+            subscriptions.clone(),
+        );
         let messages_published = Counter::default();
         registry.register(
             "messages_published",

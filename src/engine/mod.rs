@@ -5,6 +5,8 @@
 //! nothing about SQL or Redis; engines know nothing about transports.
 
 pub mod sqlite;
+pub mod sqlite_state;
+pub mod state;
 
 use async_trait::async_trait;
 

@@ -77,7 +77,10 @@ impl SqliteEngine {
     ) -> Result<Self, EngineError> {
         let dir = &options.dir;
         std::fs::create_dir_all(dir).map_err(|e| {
-            EngineError::Unavailable(format!("cannot create data directory {}: {e}", dir.display()))
+            EngineError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let path = dir.join("tidings.db");
         let conn = open_connection(&path)?;
@@ -545,7 +548,11 @@ impl Writer {
 
     /// Runs every command of the group inside one transaction. Input is validated at the edge,
     /// so an error here is the store's (disk full, I/O): it aborts the whole group.
-    fn apply_group(&mut self, group: Vec<WriteCmd>, done: &mut Vec<Done>) -> Result<(), EngineError> {
+    fn apply_group(
+        &mut self,
+        group: Vec<WriteCmd>,
+        done: &mut Vec<Done>,
+    ) -> Result<(), EngineError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut pending = group.into_iter();
         while let Some(cmd) = pending.next() {
@@ -562,7 +569,14 @@ impl Writer {
                         epoch,
                         messages,
                     }),
-                    Err(e) => Err((e, WriteCmd::Publish { channel, batch: Vec::new(), reply })),
+                    Err(e) => Err((
+                        e,
+                        WriteCmd::Publish {
+                            channel,
+                            batch: Vec::new(),
+                            reply,
+                        },
+                    )),
                 },
                 WriteCmd::Delete { channel, reply } => match self.delete(&channel) {
                     Ok(epoch) => Ok(Done::Deleted {

@@ -45,7 +45,11 @@ impl Auth {
             .iter()
             .map(|s| DecodingKey::from_secret(s.as_bytes()))
             .collect();
-        token_keys.extend(extra_token_secrets.iter().map(|s| DecodingKey::from_secret(s)));
+        token_keys.extend(
+            extra_token_secrets
+                .iter()
+                .map(|s| DecodingKey::from_secret(s)),
+        );
         Self { config, token_keys }
     }
 
@@ -132,7 +136,9 @@ impl Auth {
             Principal::Client { publish, .. } => any_matches(publish, channel),
             Principal::Anonymous => false,
         };
-        self.verdict(who, allowed, || format!("not allowed to publish to {channel}"))
+        self.verdict(who, allowed, || {
+            format!("not allowed to publish to {channel}")
+        })
     }
 
     pub fn require_admin(&self, who: &Principal) -> Result<(), ApiError> {
@@ -205,8 +211,14 @@ mod tests {
     }
 
     fn token(secret: &str, exp: i64, subscribe: &[&str], publish: &[&str]) -> String {
-        let claims = serde_json::json!({"sub":"u","exp":exp,"subscribe":subscribe,"publish":publish});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        let claims =
+            serde_json::json!({"sub":"u","exp":exp,"subscribe":subscribe,"publish":publish});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -215,26 +227,48 @@ mod tests {
         let ch = |s| ChannelName::parse(s).unwrap();
         let anon = a.principal(None).unwrap();
         assert!(a.can_read(&anon, &ch("pub:x")).is_ok());
-        assert!(matches!(a.can_read(&anon, &ch("priv")), Err(ApiError::Unauthorized(_))));
-        assert!(matches!(a.can_publish(&anon, &ch("pub:x")), Err(ApiError::Unauthorized(_))));
+        assert!(matches!(
+            a.can_read(&anon, &ch("priv")),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            a.can_publish(&anon, &ch("pub:x")),
+            Err(ApiError::Unauthorized(_))
+        ));
         assert!(matches!(a.principal(Some("k1")), Ok(Principal::Admin)));
         let exp = crate::clock::now_ms() / 1000 + 60;
-        let t = a.principal(Some(&token("s", exp, &["acc:1"], &["chat:*"]))).unwrap();
+        let t = a
+            .principal(Some(&token("s", exp, &["acc:1"], &["chat:*"])))
+            .unwrap();
         assert!(a.can_read(&t, &ch("acc:1")).is_ok());
-        assert!(matches!(a.can_read(&t, &ch("acc:2")), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            a.can_read(&t, &ch("acc:2")),
+            Err(ApiError::Forbidden(_))
+        ));
         assert!(a.can_publish(&t, &ch("chat:lobby")).is_ok());
         assert!(matches!(a.require_admin(&t), Err(ApiError::Forbidden(_))));
         let expired = token("s", exp - 3600, &["*"], &[]);
-        assert!(matches!(a.principal(Some(&expired)), Err(ApiError::Forbidden(m)) if m.contains("expired")));
+        assert!(
+            matches!(a.principal(Some(&expired)), Err(ApiError::Forbidden(m)) if m.contains("expired"))
+        );
         let forged = token("other", exp, &["*"], &[]);
-        assert!(matches!(a.principal(Some(&forged)), Err(ApiError::Forbidden(_))));
-        assert!(matches!(a.principal(Some("garbage")), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            a.principal(Some(&forged)),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            a.principal(Some("garbage")),
+            Err(ApiError::Forbidden(_))
+        ));
     }
 
     #[test]
     fn open_mode_lets_everyone_in() {
         let a = auth(&[], None, &[]);
         assert!(matches!(a.principal(None), Ok(Principal::Admin)));
-        assert!(matches!(a.principal(Some("whatever")), Ok(Principal::Admin)));
+        assert!(matches!(
+            a.principal(Some("whatever")),
+            Ok(Principal::Admin)
+        ));
     }
 }

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{peer, read_body, AppState, Caller};
@@ -74,7 +74,9 @@ fn parse_publish_body(body: &[u8]) -> Result<(Vec<NewMessage>, bool), ApiError> 
         Some(b'[') => {
             let items: Vec<PublishItem> = serde_json::from_slice(body).map_err(bad)?;
             if items.is_empty() {
-                return Err(ApiError::BadRequest("a batch needs at least one message".into()));
+                return Err(ApiError::BadRequest(
+                    "a batch needs at least one message".into(),
+                ));
             }
             let batch = items
                 .into_iter()
@@ -82,7 +84,9 @@ fn parse_publish_body(body: &[u8]) -> Result<(Vec<NewMessage>, bool), ApiError> 
                 .map(|(i, item)| {
                     item.into_new_message().map_err(|e| match e {
                         ApiError::TooLarge(m) => ApiError::TooLarge(format!("message {i}: {m}")),
-                        ApiError::BadRequest(m) => ApiError::BadRequest(format!("message {i}: {m}")),
+                        ApiError::BadRequest(m) => {
+                            ApiError::BadRequest(format!("message {i}: {m}"))
+                        }
                         other => other,
                     })
                 })
@@ -115,7 +119,10 @@ pub async fn publish(
     let body = read_body(request.into_body()).await?;
     let (batch, is_batch) = parse_publish_body(&body)?;
     if let Some(ip) = ip {
-        if !app.rate.allow(ip, u32::try_from(batch.len()).unwrap_or(u32::MAX)) {
+        if !app
+            .rate
+            .allow(ip, u32::try_from(batch.len()).unwrap_or(u32::MAX))
+        {
             return Err(ApiError::RateLimited(
                 "publish rate limit for this address exceeded; retry in a second".into(),
             ));
@@ -178,7 +185,9 @@ pub fn parse_read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
                     .ok()
                     .filter(|s: &f64| s.is_finite() && *s >= 0.0)
                     .ok_or_else(|| {
-                        ApiError::BadRequest(format!("wait={value:?} must be a number of seconds ≥ 0"))
+                        ApiError::BadRequest(format!(
+                            "wait={value:?} must be a number of seconds ≥ 0"
+                        ))
                     })?;
                 q.wait = Some(Duration::from_secs_f64(secs.min(MAX_WAIT_SECS)));
             }
@@ -240,12 +249,26 @@ pub async fn read(
     let result = match q.wait {
         Some(wait) => {
             app.hub
-                .read_wait(&channel, since, q.limit, q.epoch.as_ref(), wait, &app.shutdown)
+                .read_wait(
+                    &channel,
+                    since,
+                    q.limit,
+                    q.epoch.as_ref(),
+                    wait,
+                    &app.shutdown,
+                )
                 .await?
         }
-        None => app.hub.read(&channel, since, q.limit, q.epoch.as_ref()).await?,
+        None => {
+            app.hub
+                .read(&channel, since, q.limit, q.epoch.as_ref())
+                .await?
+        }
     };
-    Ok(json_response(StatusCode::OK, read_response_body(&channel, &result)))
+    Ok(json_response(
+        StatusCode::OK,
+        read_response_body(&channel, &result),
+    ))
 }
 
 fn channel_json(info: &crate::hub::ChannelInfo) -> serde_json::Value {
@@ -303,7 +326,15 @@ mod tests {
         assert_eq!(ok.since, Some(5));
         assert_eq!(ok.limit, MAX_LIMIT);
         assert_eq!(ok.wait, Some(Duration::from_secs(60)));
-        for bad in ["since=-1", "since=abc", "limit=0", "limit=-3", "wait=-1", "wait=x", "epoch=bad!"] {
+        for bad in [
+            "since=-1",
+            "since=abc",
+            "limit=0",
+            "limit=-3",
+            "wait=-1",
+            "wait=x",
+            "epoch=bad!",
+        ] {
             assert!(
                 matches!(parse_read_query(Some(bad)), Err(ApiError::BadRequest(_))),
                 "{bad}"
@@ -317,7 +348,8 @@ mod tests {
         let (one, batch) = parse_publish_body(br#"{"data":null}"#).unwrap();
         assert_eq!((one.len(), batch), (1, false));
         assert_eq!(one[0].data.as_str(), "null");
-        let (many, batch) = parse_publish_body(br#"[{"data":1,"id":"a"},{"data":{"x" : 2},"event":"e"}]"#).unwrap();
+        let (many, batch) =
+            parse_publish_body(br#"[{"data":1,"id":"a"},{"data":{"x" : 2},"event":"e"}]"#).unwrap();
         assert_eq!((many.len(), batch), (2, true));
         assert_eq!(many[1].data.as_str(), "{\"x\":2}");
         for bad in [
@@ -337,6 +369,9 @@ mod tests {
             );
         }
         let big = format!("{{\"data\":\"{}\"}}", "x".repeat(70_000));
-        assert!(matches!(parse_publish_body(big.as_bytes()), Err(ApiError::TooLarge(_))));
+        assert!(matches!(
+            parse_publish_body(big.as_bytes()),
+            Err(ApiError::TooLarge(_))
+        ));
     }
 }

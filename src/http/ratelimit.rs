@@ -54,7 +54,10 @@ mod tests {
         assert!(r.allow_at(a, 1, 10));
         assert!(r.allow_at(a, 1, 10));
         assert!(!r.allow_at(a, 1, 10));
-        assert!(!r.allow_at(b, 3, 10), "a batch over the limit is refused whole");
+        assert!(
+            !r.allow_at(b, 3, 10),
+            "a batch over the limit is refused whole"
+        );
         assert!(r.allow_at(b, 2, 10));
         assert!(r.allow_at(a, 2, 11), "a new second starts a new window");
         assert!(RateLimiter::new(0).allow(a, 1_000_000));

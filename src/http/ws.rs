@@ -42,6 +42,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLOSE_SERVER_RESTART: u16 = 1012;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+/// How long a connection closed for an oversized frame stays open so the close frame arrives.
+const TOO_BIG_LINGER: Duration = Duration::from_secs(2);
 
 enum Outbound {
     Text(Utf8Bytes),
@@ -91,7 +93,12 @@ struct ClientFrame {
     reference: Option<Value>,
 }
 
-fn error_frame(code: &str, message: &str, reference: Option<&Value>, channel: Option<&str>) -> Utf8Bytes {
+fn error_frame(
+    code: &str,
+    message: &str,
+    reference: Option<&Value>,
+    channel: Option<&str>,
+) -> Utf8Bytes {
     let mut v = json!({"op": "error", "code": code, "message": message});
     if let Some(r) = reference {
         v["ref"] = r.clone();
@@ -189,6 +196,15 @@ async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
             let _ = sink.close().await;
         })
         .await;
+        if code == CLOSE_TOO_BIG {
+            // The rest of the oversized frame is still unread; closing the socket now makes the
+            // kernel answer with a reset, which can destroy the close frame before the client
+            // reads it. Keep the socket open a moment so the client learns why (1009).
+            tokio::select! {
+                _ = tokio::time::sleep(TOO_BIG_LINGER) => {}
+                _ = app.shutdown.cancelled() => {}
+            }
+        }
     }
 }
 
@@ -222,7 +238,9 @@ async fn write_outbound(
                     for m in &messages {
                         match Utf8Bytes::try_from(m.ws_frame()) {
                             Ok(text) => sink.feed(WsMessage::Text(text)).await?,
-                            Err(_) => tracing::error!(seq = m.seq, "stored message is not UTF-8; skipped"),
+                            Err(_) => {
+                                tracing::error!(seq = m.seq, "stored message is not UTF-8; skipped")
+                            }
                         }
                     }
                     if let Some(last) = messages.last() {
@@ -300,7 +318,12 @@ impl Connection {
                 ApiError::Unauthorized(_) | ApiError::Forbidden(_) => "forbidden",
                 other => other.code(),
             };
-            self.reply(error_frame(code, &e.to_string(), reference.as_ref(), channel.as_deref()));
+            self.reply(error_frame(
+                code,
+                &e.to_string(),
+                reference.as_ref(),
+                channel.as_deref(),
+            ));
         }
     }
 
@@ -342,7 +365,12 @@ impl Connection {
                 "this connection already holds {} subscriptions, the limit",
                 self.subscriptions.len()
             );
-            self.reply(error_frame("too_many_subscriptions", &msg, frame.reference.as_ref(), Some(channel.as_str())));
+            self.reply(error_frame(
+                "too_many_subscriptions",
+                &msg,
+                frame.reference.as_ref(),
+                Some(channel.as_str()),
+            ));
             return Ok(());
         }
         let start = match since {
@@ -413,13 +441,19 @@ async fn run_publisher(
         .await;
         let reply = match result.as_deref() {
             Ok([published, ..]) => {
-                let mut v = json!({"op": "ack", "seq": published.seq, "duplicate": published.duplicate});
+                let mut v =
+                    json!({"op": "ack", "seq": published.seq, "duplicate": published.duplicate});
                 if let Some(r) = &reference {
                     v["ref"] = r.clone();
                 }
                 Utf8Bytes::from(v.to_string())
             }
-            Ok([]) => error_frame("internal", "publish returned no result", reference.as_ref(), Some(channel.as_str())),
+            Ok([]) => error_frame(
+                "internal",
+                "publish returned no result",
+                reference.as_ref(),
+                Some(channel.as_str()),
+            ),
             Err(e) => api_error_frame(e, reference.as_ref(), Some(channel.as_str())),
         };
         if out.send(Outbound::Text(reply)).await.is_err() {
@@ -428,14 +462,24 @@ async fn run_publisher(
     }
 }
 
-fn subscribed_frame(channel: &ChannelName, epoch: &Epoch, last_seq: Seq, truncated: bool) -> Utf8Bytes {
+fn subscribed_frame(
+    channel: &ChannelName,
+    epoch: &Epoch,
+    last_seq: Seq,
+    truncated: bool,
+) -> Utf8Bytes {
     Utf8Bytes::from(
         json!({"op": "subscribed", "channel": channel, "epoch": epoch, "last_seq": last_seq, "truncated": truncated})
             .to_string(),
     )
 }
 
-async fn run_subscription(app: AppState, channel: ChannelName, start: Start, out: mpsc::Sender<Outbound>) {
+async fn run_subscription(
+    app: AppState,
+    channel: ChannelName,
+    start: Start,
+    out: mpsc::Sender<Outbound>,
+) {
     let (subscribed, mut sub) = match app.hub.subscribe(&channel, start).await {
         Ok(s) => s,
         Err(e) => {
@@ -444,7 +488,12 @@ async fn run_subscription(app: AppState, channel: ChannelName, start: Start, out
             return;
         }
     };
-    let frame = subscribed_frame(&channel, &subscribed.epoch, subscribed.last_seq, subscribed.truncated);
+    let frame = subscribed_frame(
+        &channel,
+        &subscribed.epoch,
+        subscribed.last_seq,
+        subscribed.truncated,
+    );
     if out.send(Outbound::Text(frame)).await.is_err() {
         return;
     }
@@ -464,14 +513,19 @@ async fn run_subscription(app: AppState, channel: ChannelName, start: Start, out
                 tracing::info!(%channel, cursor = sub.cursor(), "closing a slow WebSocket consumer");
                 // The queue is full, so wait for room for the close itself; the connection
                 // loop drains it in order.
-                let _ = out.send(Outbound::Close(CLOSE_SLOW_CONSUMER, "slow consumer")).await;
+                let _ = out
+                    .send(Outbound::Close(CLOSE_SLOW_CONSUMER, "slow consumer"))
+                    .await;
                 return;
             }
         }
     }
 }
 
-async fn next_outbound(sub: &mut Subscription, channel: &ChannelName) -> Result<Outbound, Utf8Bytes> {
+async fn next_outbound(
+    sub: &mut Subscription,
+    channel: &ChannelName,
+) -> Result<Outbound, Utf8Bytes> {
     match sub.next().await {
         Ok(Event::Messages(messages)) => Ok(Outbound::Messages(messages)),
         Ok(Event::Reset { epoch, first_seq }) => Ok(Outbound::Text(subscribed_frame(
@@ -480,6 +534,10 @@ async fn next_outbound(sub: &mut Subscription, channel: &ChannelName) -> Result<
             first_seq.saturating_sub(1),
             true,
         ))),
-        Err(e) => Err(api_error_frame(&ApiError::from(e), None, Some(channel.as_str()))),
+        Err(e) => Err(api_error_frame(
+            &ApiError::from(e),
+            None,
+            Some(channel.as_str()),
+        )),
     }
 }

@@ -202,7 +202,9 @@ impl Live {
             return c.clone();
         }
         let max = self.retention.for_channel(channel).max_messages;
-        let cap = usize::try_from(max).unwrap_or(WINDOW_CAP).clamp(1, WINDOW_CAP);
+        let cap = usize::try_from(max)
+            .unwrap_or(WINDOW_CAP)
+            .clamp(1, WINDOW_CAP);
         let c = Arc::new(LiveChannel::new(cap));
         map.insert(channel.clone(), c.clone());
         c
@@ -234,9 +236,7 @@ impl Live {
         let before = map.len();
         // Only the map holds an Arc once no subscriber does, and subscribers get theirs under
         // this same lock, so nobody can be waiting on an evicted channel.
-        map.retain(|_, c| {
-            Arc::strong_count(c) > 1 || now - c.lock().last_activity_ms < idle_ms
-        });
+        map.retain(|_, c| Arc::strong_count(c) > 1 || now - c.lock().last_activity_ms < idle_ms);
         before - map.len()
     }
 }
@@ -260,7 +260,13 @@ mod tests {
     use bytes::Bytes;
 
     fn msg(ch: &ChannelName, seq: Seq) -> SharedMessage {
-        Arc::new(Message::new(ch.clone(), seq, seq.to_string(), 0, Bytes::from_static(b"{}")))
+        Arc::new(Message::new(
+            ch.clone(),
+            seq,
+            seq.to_string(),
+            0,
+            Bytes::from_static(b"{}"),
+        ))
     }
 
     fn seqs(look: Look) -> Vec<Seq> {
@@ -281,7 +287,11 @@ mod tests {
         let batch: Vec<_> = (1..=WINDOW_CAP as u64 + 10).map(|s| msg(&ch, s)).collect();
         live.committed(&ch, &e1, &batch);
         let c = sub.channel();
-        assert_eq!(seqs(c.look(&e1, 0, 5)), vec![u64::MAX], "seq 1 fell out of the window");
+        assert_eq!(
+            seqs(c.look(&e1, 0, 5)),
+            vec![u64::MAX],
+            "seq 1 fell out of the window"
+        );
         let last = WINDOW_CAP as u64 + 10;
         assert_eq!(seqs(c.look(&e1, last - 2, 5)), vec![last - 1, last]);
         assert_eq!(seqs(c.look(&e1, last, 5)), Vec::<Seq>::new());

@@ -310,12 +310,12 @@ impl Subscription {
                     });
                 }
                 Look::Behind => {
-                    if let Some(event) = self.from_store().await? {
+                    if let Some(event) = self.read_from_store().await? {
                         return Ok(event);
                     }
                 }
                 Look::Nothing if self.cursor < self.known_last => {
-                    if let Some(event) = self.from_store().await? {
+                    if let Some(event) = self.read_from_store().await? {
                         return Ok(event);
                     }
                 }
@@ -330,7 +330,7 @@ impl Subscription {
     }
 
     /// Reads past the cursor from the store; `None` when there is nothing there (wait instead).
-    async fn from_store(&mut self) -> Result<Option<Event>, HubError> {
+    async fn read_from_store(&mut self) -> Result<Option<Event>, HubError> {
         let not_before = self.hub.not_before_ms(&self.channel);
         let page = self
             .hub

@@ -30,7 +30,9 @@ impl Pattern {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "_.@-:".contains(c))
             {
-                return Err(InvalidValue(format!("pattern {raw:?} is not a valid prefix")));
+                return Err(InvalidValue(format!(
+                    "pattern {raw:?} is not a valid prefix"
+                )));
             }
         } else {
             ChannelName::parse(raw)?;

@@ -58,8 +58,19 @@ impl RetentionRules {
     }
 
     pub fn for_channel(&self, channel: &ChannelName) -> Retention {
-        most_specific(self.rules.iter().map(|(p, r)| (p, *r)), channel)
-            .unwrap_or(self.rules[0].1)
+        most_specific(self.rules.iter().map(|(p, r)| (p, *r)), channel).unwrap_or(self.rules[0].1)
+    }
+}
+
+impl RetentionRules {
+    /// The default a configured pattern starts from (so `pattern = "jobs:x:*"` without
+    /// `max_messages` inherits the `jobs:*` default).
+    pub fn for_channel_pattern(&self, pattern: &Pattern) -> Retention {
+        let probe = pattern.as_str().trim_end_matches('*').trim_end_matches(':');
+        match ChannelName::parse(probe) {
+            Ok(name) => self.for_channel(&name),
+            Err(_) => self.rules[0].1,
+        }
     }
 }
 
@@ -80,17 +91,5 @@ mod tests {
         assert_eq!(rules.for_channel(&ch("x")).max_messages, 1_000);
         assert_eq!(rules.for_channel(&ch("jobs:a:1")).max_messages, 100_000);
         assert_eq!(rules.for_channel(&ch("jobs:build:1")).max_messages, 5);
-    }
-}
-
-impl RetentionRules {
-    /// The default a configured pattern starts from (so `pattern = "jobs:x:*"` without
-    /// `max_messages` inherits the `jobs:*` default).
-    pub fn for_channel_pattern(&self, pattern: &Pattern) -> Retention {
-        let probe = pattern.as_str().trim_end_matches('*').trim_end_matches(':');
-        match ChannelName::parse(probe) {
-            Ok(name) => self.for_channel(&name),
-            Err(_) => self.rules[0].1,
-        }
     }
 }

@@ -344,7 +344,13 @@ mod tests {
 
     #[test]
     fn channel_names() {
-        for ok in ["a", "feeds:stackoverflow", "jobs:build:01JD", "accounts:42", "a.b@c-d_e"] {
+        for ok in [
+            "a",
+            "feeds:stackoverflow",
+            "jobs:build:01JD",
+            "accounts:42",
+            "a.b@c-d_e",
+        ] {
             assert!(ChannelName::parse(ok).is_ok(), "{ok}");
         }
         for bad in ["", ":", "a:", ":a", "a::b", "a b", "a/b", "é", "a*"] {
@@ -399,7 +405,15 @@ mod tests {
     #[test]
     fn data_limits() {
         let big = format!("\"{}\"", "x".repeat(MAX_DATA_BYTES));
-        assert!(matches!(Data::from_valid_json(&big), Err(DataError::TooLarge(_))));
-        assert_eq!(Data::from_valid_json("{ \"a\" : [1, 2] }").unwrap().as_str(), "{\"a\":[1,2]}");
+        assert!(matches!(
+            Data::from_valid_json(&big),
+            Err(DataError::TooLarge(_))
+        ));
+        assert_eq!(
+            Data::from_valid_json("{ \"a\" : [1, 2] }")
+                .unwrap()
+                .as_str(),
+            "{\"a\":[1,2]}"
+        );
     }
 }

@@ -1,5 +1,17 @@
 //! One integration-test binary: every test starts the real `tidings` binary on an ephemeral
 //! loopback port and talks to it as a client would. Shared helpers live in `support`.
 
-mod support;
+#![allow(clippy::unwrap_used)]
+
+mod auth;
+mod bad_input;
+mod channels_api;
+mod cli;
+mod guarantees;
+mod guarantees_durability;
+mod guarantees_handoff;
+mod guarantees_slow;
+mod guarantees_truncation;
+mod shutdown;
 mod smoke;
+mod support;

@@ -74,7 +74,10 @@ impl TestServer {
         }
         cmd.args(&opts.args)
             .envs(opts.env.iter().cloned())
-            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -146,7 +149,8 @@ impl TestServer {
     }
 
     pub async fn publish(&self, channel: &str, body: Value) -> (u16, Value) {
-        self.post(&format!("/api/channels/{channel}/messages"), body).await
+        self.post(&format!("/api/channels/{channel}/messages"), body)
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -181,7 +185,12 @@ impl TestServer {
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.delete(self.url(path)).send().await.expect("DELETE");
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("DELETE");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -257,7 +266,9 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(url: &str) -> Self {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WS connect");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WS connect");
         Self { stream }
     }
 
@@ -310,8 +321,108 @@ impl WsClient {
 pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
     let mut expected = from;
     for &s in seqs {
-        assert_eq!(s, expected, "{who}: expected seq {expected}, got {s} (gap or duplicate)");
+        assert_eq!(
+            s, expected,
+            "{who}: expected seq {expected}, got {s} (gap or duplicate)"
+        );
         expected += 1;
     }
-    assert_eq!(expected, to + 1, "{who}: stopped at {}, expected to reach {to}", expected - 1);
+    assert_eq!(
+        expected,
+        to + 1,
+        "{who}: stopped at {}, expected to reach {to}",
+        expected - 1
+    );
+}
+
+// ---- Helpers for the API, auth, CLI and shutdown tests -------------------------------------
+
+/// Polls `check` every 20 ms until it returns `Some`, panicking after `WAIT` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Asserts the spec's error shape `{"error":{"code","message"}}` and returns the code.
+pub fn assert_error_body(body: &Value, context: &str) -> String {
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: no error.code in {body}"));
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: no error.message in {body}"));
+    assert!(!code.is_empty(), "{context}: empty error code");
+    assert!(!message.is_empty(), "{context}: empty error message");
+    code.to_owned()
+}
+
+impl TestServer {
+    /// Sends a prepared request; the status and the JSON body (`Null` when not JSON).
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /api/channels/{ch}` as the open (no-auth) server sees it.
+    pub async fn channel_info(&self, channel: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/channels/{channel}")).await;
+        assert_eq!(status, 200, "channel info of {channel}: {body}");
+        body
+    }
+
+    /// The channel's `last_seq` (open servers only).
+    pub async fn last_seq(&self, channel: &str) -> u64 {
+        self.channel_info(channel).await["last_seq"]
+            .as_u64()
+            .expect("last_seq")
+    }
+
+    /// Waits until `channel` has at least `n` live subscribers (open servers only).
+    pub async fn wait_subscribers(&self, channel: &str, n: u64) {
+        wait_for(&format!("{n} subscriber(s) on {channel}"), || async {
+            let count = self.channel_info(channel).await["subscribers"].as_u64()?;
+            (count >= n).then_some(())
+        })
+        .await
+    }
+}
+
+impl WsClient {
+    /// Sends `{"op":"ping"}` and collects every frame up to the `pong` (excluded).
+    pub async fn frames_until_pong(&mut self) -> Vec<Value> {
+        self.send(serde_json::json!({"op": "ping"})).await;
+        let mut seen = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if v["op"] == "pong" {
+                return seen;
+            }
+            seen.push(v);
+        }
+    }
+
+    /// The close frame's code, skipping any text frames before it; `None` if the stream ended
+    /// without a close frame.
+    pub async fn recv_close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.recv_frame().await {
+                Some(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    }
 }

@@ -1,0 +1,3 @@
+//! Feeds: turning RSS, Atom and JSON Feed documents into Tidings entries.
+
+pub mod parse;
