@@ -225,7 +225,7 @@ mod tests {
         assert!(Proc::me().open_files_limit().unwrap_or(1) > 0);
         let a = parse_proc_stat("cpu 100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0\ncpu1 50 0 50 400 0 0 0 0\nintr 5\n");
         let b = parse_proc_stat(
-            "cpu 200 0 200 900 0 0 0 0 0 0\ncpu0 150 0 50 400 0 0 0 0\ncpu1 50 0 100 450 0 0 0 0\n",
+            "cpu 200 0 150 850 0 0 0 0 0 0\ncpu0 150 0 50 400 0 0 0 0\ncpu1 50 0 100 450 0 0 0 0\n",
         );
         let busy = a.busy_since(&b);
         assert_eq!(busy["cpu0"], 1.0);

@@ -53,6 +53,7 @@ enum Outbound {
 
 pub async fn upgrade(
     State(app): State<AppState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     caller: Result<Caller, ApiError>,
     headers: HeaderMap,
     RawQuery(_query): RawQuery,
@@ -74,7 +75,8 @@ pub async fn upgrade(
         .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| {
             let tasks = app.tasks.clone();
-            tasks.track_future(serve_connection(app, who, socket))
+            let ip = peer.map(|axum::Extension(axum::extract::ConnectInfo(addr))| addr.ip());
+            tasks.track_future(serve_connection(app, who, ip, socket))
         })
 }
 
@@ -122,9 +124,16 @@ struct Connection {
     /// Direct answers to the frame just handled; the connection loop writes them itself, so
     /// handling a frame never waits on the outbound queue the same loop drains.
     replies: Vec<Utf8Bytes>,
+    /// The client's address, for the per-IP publish rate limit.
+    ip: Option<std::net::IpAddr>,
 }
 
-async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
+async fn serve_connection(
+    app: AppState,
+    who: Principal,
+    ip: Option<std::net::IpAddr>,
+    socket: WebSocket,
+) {
     let _gauge = ConnectionGauge::new(app.hub.metrics().clone(), "ws");
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
@@ -135,6 +144,7 @@ async fn serve_connection(app: AppState, who: Principal, socket: WebSocket) {
         subscriptions: HashMap::new(),
         publisher: None,
         replies: Vec::new(),
+        ip,
     };
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = tokio::time::Instant::now();
@@ -404,6 +414,16 @@ impl Connection {
             .auth
             .can_publish(&self.who, &channel)
             .map_err(|e| (e, named()))?;
+        if let Some(ip) = self.ip {
+            if !self.app.rate.allow(ip, 1) {
+                return Err((
+                    ApiError::RateLimited(
+                        "publish rate limit for this address exceeded; retry in a second".into(),
+                    ),
+                    named(),
+                ));
+            }
+        }
         let item = PublishItem {
             data: frame.data,
             event: frame.event,

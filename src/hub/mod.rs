@@ -223,7 +223,9 @@ impl Hub {
         let (cursor, truncated) = match start {
             Start::Live => (page.last_seq, false),
             Start::Since(since, epoch) => {
-                let stale = epoch.is_some_and(|e| e != page.epoch);
+                // A cursor past the end means the client saw a history this store no longer
+                // has (the store's last_seq is authoritative): treat it like a stale epoch.
+                let stale = epoch.is_some_and(|e| e != page.epoch) || since > page.last_seq;
                 let since = if stale { 0 } else { since };
                 if since + 1 < page.first_seq && since < page.last_seq {
                     (page.first_seq - 1, true)

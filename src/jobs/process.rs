@@ -43,8 +43,9 @@ const DRAIN_IDLE: Duration = Duration::from_millis(250);
 /// Once the group is gone, the pipe readers are stopped after this long whatever happens.
 const DRAIN_MAX: Duration = Duration::from_secs(5);
 
-/// What to start: assembled by the caller from the job's spec and the run.
-#[derive(Debug, Clone)]
+/// What to start: assembled by the caller from the job's spec and the run. Its `Debug` shows
+/// the environment's names only (`TIDINGS_TOKEN` is a secret).
+#[derive(Clone)]
 pub struct Spawn {
     /// The command; `argv[0]` is looked up on the job's `PATH` (the fixed one unless `env` sets
     /// `PATH`), or taken relative to `dir` when it contains a `/`. Never a shell.
@@ -57,6 +58,21 @@ pub struct Spawn {
     pub timeout: Option<Duration>,
     /// Time between SIGTERM and SIGKILL on timeout or cancel.
     pub kill_grace: Duration,
+}
+
+impl std::fmt::Debug for Spawn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawn")
+            .field("argv", &self.argv)
+            .field("dir", &self.dir)
+            .field(
+                "env",
+                &self.env.iter().map(|(key, _)| key).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .field("kill_grace", &self.kill_grace)
+            .finish()
+    }
 }
 
 /// Which pipe a line came from.
@@ -159,6 +175,11 @@ enum StartError {
 /// the rest of its process group is killed and every line has been sent. If `lines` is closed
 /// the output is still read (and dropped) so the command is never blocked by it. Dropping the
 /// returned future kills the process group.
+///
+/// Receive from `lines` concurrently with awaiting `run`: a full channel blocks the readers, which
+/// blocks the command (that is the backpressure). A batch holds what one read returned (at most
+/// 64 KiB of output) plus at most one 16 KiB piece held over, so memory per stream is bounded by
+/// the channel's capacity times one batch.
 pub async fn run(
     spawn: Spawn,
     lines: mpsc::Sender<Vec<Line>>,
@@ -792,6 +813,9 @@ mod tests {
         ];
         expected.sort_unstable();
         assert_eq!(got, expected);
+        // Debug shows the environment's names, not its values.
+        let spawn = job(&["env"], "secret-value");
+        assert!(!format!("{spawn:?}").contains("secret-value"));
     }
 
     #[tokio::test]
@@ -1029,6 +1053,32 @@ mod tests {
         assert_eq!(first[0].text, "ready");
         running.abort();
         assert!(running.await.is_err_and(|err| err.is_cancelled()));
+        assert_none_left(&marker).await;
+    }
+
+    #[tokio::test]
+    async fn endless_flood_is_cancelled() {
+        let marker = marker();
+        let cancel = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel(1);
+        let running = tokio::spawn(run(job(&["yes", &marker], &marker), tx, cancel.clone()));
+        let gather = async {
+            let mut count = 0usize;
+            while let Some(batch) = rx.recv().await {
+                count += batch.len();
+                if count >= 200_000 {
+                    cancel.cancel();
+                }
+            }
+            count
+        };
+        let count = tokio::time::timeout(Duration::from_secs(20), gather)
+            .await
+            .expect("the flood ends once cancelled");
+        assert!(count >= 200_000);
+        let ending = running.await.expect("no panic");
+        assert_eq!(ending.signal(), Some("SIGTERM"));
+        assert!(matches!(ending, Ending::Cancelled { .. }), "{ending:?}");
         assert_none_left(&marker).await;
     }
 

@@ -884,3 +884,32 @@ async fn deleting_a_channel_resets_live_subscribers() {
         Some(format!("{}:1", new.as_str().expect("epoch")).as_str())
     );
 }
+
+/// Regression: a subscriber resuming past the channel's end (its history is gone) used to wait
+/// silently for seqs it had "already seen"; it must be told and get the channel from the start.
+#[tokio::test]
+async fn subscribing_past_the_end_reports_truncation() {
+    let server = TestServer::start().await;
+    for n in 1..=3 {
+        server.publish("api:past", json!({ "data": n })).await;
+    }
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "channel": "api:past", "since": 50})).await;
+    let subscribed = ws.recv_op("subscribed").await;
+    assert_eq!(subscribed["truncated"], true, "{subscribed}");
+    let first = ws.recv_op("message").await;
+    assert_eq!(first["seq"], 1);
+
+    let mut sse = server.sse("/api/channels/api:past/events", Some("50")).await;
+    loop {
+        let event = sse.next().await.expect("stream open");
+        if event.event.as_deref() == Some("reset") {
+            let info: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+            assert_eq!(info["first_seq"], 1);
+            break;
+        }
+        assert!(event.event.is_some(), "a message arrived before the reset: {event:?}");
+    }
+    let message = sse.next_message().await;
+    assert_eq!(message["seq"], 1);
+}

@@ -23,19 +23,31 @@ const MAX_BATCH: u64 = 8;
 /// Messages held back until every subscriber is connected.
 const TAIL: u64 = 300;
 
-/// Publishes `per_channel` messages to each channel, in batches of 1..=max_batch, channels in
-/// turn, as fast as the server acknowledges. `progress` carries the fewest messages any channel
-/// has acknowledged. Message `n` of a channel carries `{"n": n}` and must get seq `n`.
-async fn publish_all(
-    server: Arc<TestServer>,
+/// What the publisher publishes: `per_channel` messages to each channel, in batches of
+/// 1..=`max_batch` (drawn from `seed`), channels in turn.
+struct Load {
     channels: Vec<String>,
     per_channel: u64,
     max_batch: u64,
     seed: u64,
+}
+
+/// Publishes `load` as fast as the server acknowledges. `progress` carries the fewest messages
+/// any channel has acknowledged; the last `TAIL` wait until `connected` reaches `subscribers`.
+/// Message `n` of a channel carries `{"n": n}` and must get seq `n`.
+async fn publish_all(
+    server: Arc<TestServer>,
+    load: Load,
     progress: watch::Sender<u64>,
     mut connected: watch::Receiver<usize>,
     subscribers: usize,
 ) {
+    let Load {
+        channels,
+        per_channel,
+        max_batch,
+        seed,
+    } = load;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut acked = vec![0u64; channels.len()];
     let mut requests = 0u64;
@@ -115,19 +127,36 @@ fn check_message(label: &str, channel: &str, v: &Value) -> u64 {
     seq
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn subscriber(
-    server: Arc<TestServer>,
+/// One subscriber of the single-channel test: joins once `threshold` messages are
+/// acknowledged, from `from`, and reads up to seq `total` of `epoch`. `variant` picks how it
+/// asks for its start: SSE `?since=N`, `Last-Event-ID: {epoch}:N` or `Last-Event-ID: N`; WS
+/// with or without the (current) `epoch`.
+struct Plan {
     label: String,
     transport: Transport,
     threshold: u64,
     from: From,
     total: u64,
     epoch: String,
+    variant: usize,
+}
+
+async fn subscriber(
+    server: Arc<TestServer>,
+    plan: Plan,
     mut progress: watch::Receiver<u64>,
     connected: watch::Sender<usize>,
 ) -> Received {
     const CH: &str = "hand:one";
+    let Plan {
+        label,
+        transport,
+        threshold,
+        from,
+        total,
+        epoch,
+        variant,
+    } = plan;
     let joined_at = *tokio::time::timeout(WAIT, progress.wait_for(|p| *p >= threshold))
         .await
         .expect("publisher progress in time")
@@ -140,11 +169,13 @@ async fn subscriber(
     let mut seqs = Vec::new();
     let first = match transport {
         Transport::Sse => {
-            let path = match since {
-                Some(n) => format!("/api/channels/{CH}/events?since={n}"),
-                None => format!("/api/channels/{CH}/events"),
+            let events = format!("/api/channels/{CH}/events");
+            let mut sse = match (since, variant % 3) {
+                (None, _) => server.sse(&events, None).await,
+                (Some(n), 0) => server.sse(&format!("{events}?since={n}"), None).await,
+                (Some(n), 1) => server.sse(&events, Some(&format!("{epoch}:{n}"))).await,
+                (Some(n), _) => server.sse(&events, Some(&n.to_string())).await,
             };
-            let mut sse = server.sse(&path, None).await;
             let connected_at = *progress.borrow();
             connected.send_modify(|n| *n += 1);
             while seqs.last().is_none_or(|s| *s < total) {
@@ -184,6 +215,9 @@ async fn subscriber(
             let mut sub = json!({"op": "subscribe", "channel": CH});
             if let Some(n) = since {
                 sub["since"] = json!(n);
+                if variant % 2 == 1 {
+                    sub["epoch"] = json!(epoch);
+                }
             }
             ws.send(sub).await;
             let subscribed = ws.recv().await;
@@ -209,8 +243,9 @@ async fn subscriber(
 }
 
 /// 20 SSE and 20 WebSocket subscribers join one busy channel at staggered moments, a quarter
-/// of them live only, the rest from a random `since` in 0..=acknowledged; each gets exactly
-/// `since+1 ..= 4000` (live ones: from where they started), in order, once.
+/// of them live only, the rest from a random `since` in 0..=acknowledged (SSE by `?since`,
+/// `Last-Event-ID: epoch:N` or a bare `Last-Event-ID: N`; WS with or without `epoch`); each gets
+/// exactly `since+1 ..= 4000` (live ones: from where they started), in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscribers_joining_during_publishing_get_contiguous_runs() {
     const TOTAL: u64 = 4000;
@@ -251,24 +286,31 @@ async fn subscribers_joining_during_publishing_get_contiguous_runs() {
         } else {
             From::Fraction(rng.gen_range(0.0..=1.0))
         };
-        subscribers.push(tokio::spawn(subscriber(
-            server.clone(),
-            format!("{transport:?} subscriber {i}"),
+        let plan = Plan {
+            label: format!("{transport:?} subscriber {i}"),
             transport,
             threshold,
             from,
-            TOTAL,
-            epoch.clone(),
+            total: TOTAL,
+            epoch: epoch.clone(),
+            variant: rng.gen_range(0..6),
+        };
+        subscribers.push(tokio::spawn(subscriber(
+            server.clone(),
+            plan,
             progress_rx.clone(),
             connected_tx.clone(),
         )));
     }
+    let load = Load {
+        channels: vec!["hand:one".into()],
+        per_channel: TOTAL,
+        max_batch: MAX_BATCH,
+        seed: seed ^ 1,
+    };
     let publisher = tokio::spawn(publish_all(
         server.clone(),
-        vec!["hand:one".into()],
-        TOTAL,
-        MAX_BATCH,
-        seed ^ 1,
+        load,
         progress_tx,
         connected_rx,
         n,
@@ -366,12 +408,15 @@ async fn many_subscriptions_on_one_websocket_each_get_contiguous_runs() {
             runs
         }));
     }
+    let load = Load {
+        channels: channels.clone(),
+        per_channel: PER_CHANNEL,
+        max_batch: 16,
+        seed: seed ^ 1,
+    };
     let publisher = tokio::spawn(publish_all(
         server.clone(),
-        channels.clone(),
-        PER_CHANNEL,
-        16,
-        seed ^ 1,
+        load,
         progress_tx,
         connected_rx,
         total_subscriptions,

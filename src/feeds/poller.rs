@@ -1,0 +1,524 @@
+//! The feed poller: one task per feed fetching it as Miniflux does (conditional GET, limited
+//! redirects, size and time limits, decompression), publishing each new entry once, oldest
+//! first, and keeping its state (shown by `GET /api/feeds`) in the state store.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::parse::{self, FeedEntry};
+use crate::engine::state::{self as state_store, StateStore};
+use crate::engine::EngineError;
+use crate::hub::types::{ChannelName, Data, EventName, MessageId, NewMessage};
+use crate::hub::Hub;
+use crate::jobs::spec::{FeedSource, FeedSpec};
+
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_BODY: usize = 10 * 1024 * 1024;
+pub const MAX_REDIRECTS: usize = 5;
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+const PARSE_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub type LabelSet = Vec<(&'static str, String)>;
+
+/// A feed's poll state, persisted and shown by the API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FeedState {
+    pub status: String,
+    pub last_poll: Option<String>,
+    pub next_poll: Option<String>,
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    pub entries_seen: u64,
+    pub consecutive_errors: u32,
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedsError {
+    #[error("no feed named {0:?}")]
+    Unknown(String),
+    #[error("a feed named {0:?} already exists")]
+    Taken(String),
+    #[error("feed {0:?} comes from the configuration file; change it there")]
+    FromConfig(String),
+    #[error(transparent)]
+    Store(#[from] EngineError),
+}
+
+struct Registered {
+    spec: FeedSpec,
+    state: Arc<Mutex<FeedState>>,
+    cancel: CancellationToken,
+}
+
+pub struct FeedsContext {
+    pub hub: Arc<Hub>,
+    pub state: Arc<dyn StateStore>,
+    pub dedupe_window: Duration,
+    pub polls_total: Family<LabelSet, Counter>,
+}
+
+/// The registry of polled feeds; each feed's loop owns its own polling.
+#[derive(Clone)]
+pub struct Feeds {
+    ctx: Arc<FeedsContext>,
+    client: reqwest::Client,
+    feeds: Arc<Mutex<BTreeMap<String, Registered>>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+const SPEC_KIND: &str = "feed";
+const STATE_KIND: &str = "feed_state";
+
+fn seen_set(name: &str) -> String {
+    format!("feed:{name}")
+}
+
+impl Feeds {
+    /// Starts polling the configured feeds and the ones added earlier through the API.
+    pub async fn start(
+        ctx: FeedsContext,
+        configured: Vec<FeedSpec>,
+        shutdown: CancellationToken,
+    ) -> Result<Feeds, EngineError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .timeout(FETCH_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION"), " (feed poller)"))
+            .build()
+            .map_err(|e| EngineError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let feeds = Feeds {
+            ctx: Arc::new(ctx),
+            client,
+            feeds: Arc::new(Mutex::new(BTreeMap::new())),
+            tasks: TaskTracker::new(),
+            shutdown,
+        };
+        let mut specs = configured;
+        for (name, json) in feeds.ctx.state.docs(SPEC_KIND).await? {
+            match serde_json::from_str::<FeedSpec>(&json) {
+                Ok(spec) if !specs.iter().any(|s| s.name == spec.name) => specs.push(spec),
+                Ok(_) => tracing::warn!(%name, "a feed added through the API now has the name of a configured feed; the configured one wins"),
+                Err(error) => tracing::warn!(%name, %error, "ignoring an unreadable stored feed"),
+            }
+        }
+        for spec in specs {
+            feeds.launch(spec).await?;
+        }
+        Ok(feeds)
+    }
+
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Registered>> {
+        self.feeds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn launch(&self, spec: FeedSpec) -> Result<(), EngineError> {
+        let mut initial: FeedState = state_store::get_typed(&*self.ctx.state, STATE_KIND, &spec.name)
+            .await?
+            .unwrap_or_default();
+        if initial.status.is_empty() {
+            initial.status = "pending".into();
+        }
+        let state = Arc::new(Mutex::new(initial));
+        let cancel = self.shutdown.child_token();
+        self.registry().insert(
+            spec.name.clone(),
+            Registered {
+                spec: spec.clone(),
+                state: state.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        self.tasks.spawn(poll_loop(
+            self.ctx.clone(),
+            self.client.clone(),
+            spec,
+            state,
+            cancel,
+        ));
+        Ok(())
+    }
+
+    /// Every feed with its state, by name.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        self.registry()
+            .values()
+            .map(|r| feed_json(&r.spec, &r.state.lock().unwrap_or_else(|e| e.into_inner())))
+            .collect()
+    }
+
+    pub async fn add(&self, spec: FeedSpec) -> Result<serde_json::Value, FeedsError> {
+        if self.registry().contains_key(&spec.name) {
+            return Err(FeedsError::Taken(spec.name));
+        }
+        state_store::put_typed(&*self.ctx.state, SPEC_KIND, &spec.name, &spec).await?;
+        // A feed added again under an old name starts with fresh state but keeps its memory of
+        // entries, so nothing already published is published again.
+        self.ctx.state.delete_doc(STATE_KIND, &spec.name).await?;
+        self.launch(spec.clone()).await?;
+        Ok(feed_json(&spec, &FeedState { status: "pending".into(), ..Default::default() }))
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<serde_json::Value, FeedsError> {
+        let removed = {
+            let mut registry = self.registry();
+            match registry.get(name) {
+                None => return Err(FeedsError::Unknown(name.to_owned())),
+                Some(r) if r.spec.source == FeedSource::Config => {
+                    return Err(FeedsError::FromConfig(name.to_owned()))
+                }
+                Some(_) => registry.remove(name),
+            }
+        };
+        let Some(removed) = removed else {
+            return Err(FeedsError::Unknown(name.to_owned()));
+        };
+        removed.cancel.cancel();
+        self.ctx.state.delete_doc(SPEC_KIND, name).await?;
+        let state = removed.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(feed_json(&removed.spec, &state))
+    }
+}
+
+pub fn feed_json(spec: &FeedSpec, state: &FeedState) -> serde_json::Value {
+    serde_json::json!({
+        "name": spec.name,
+        "url": spec.url,
+        "every": humantime::format_duration(spec.every).to_string(),
+        "channel": spec.channel,
+        "source": spec.source,
+        "status": state.status,
+        "last_poll": state.last_poll,
+        "next_poll": state.next_poll,
+        "http_status": state.http_status,
+        "error": state.error,
+        "entries_seen": state.entries_seen,
+        "consecutive_errors": state.consecutive_errors,
+    })
+}
+
+/// What one fetch produced.
+enum Fetched {
+    NotModified { status: u16 },
+    Body {
+        status: u16,
+        body: Vec<u8>,
+        content_type: Option<String>,
+        etag: Option<String>,
+        last_modified: Option<String>,
+        max_age: Option<Duration>,
+    },
+}
+
+#[derive(Debug)]
+struct PollError {
+    message: String,
+    http_status: Option<u16>,
+    retry_after: Option<Duration>,
+}
+
+impl PollError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            http_status: None,
+            retry_after: None,
+        }
+    }
+}
+
+fn header(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate_to_unix(value)?;
+    let now = crate::clock::now_ms() / 1000;
+    Some(Duration::from_secs(when.saturating_sub(now).max(0) as u64))
+}
+
+fn httpdate_to_unix(value: &str) -> Option<i64> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value, &format)
+        .ok()
+        .map(|t| t.assume_utc().unix_timestamp())
+}
+
+/// `Cache-Control: max-age=N`.
+pub fn parse_max_age(value: &str) -> Option<Duration> {
+    value.split(',').find_map(|part| {
+        let (k, v) = part.trim().split_once('=')?;
+        (k.eq_ignore_ascii_case("max-age"))
+            .then(|| v.trim().parse::<u64>().ok())
+            .flatten()
+            .map(Duration::from_secs)
+    })
+}
+
+async fn fetch(client: &reqwest::Client, url: &str, state: &FeedState) -> Result<Fetched, PollError> {
+    let mut req = client.get(url).header(
+        reqwest::header::ACCEPT,
+        "application/rss+xml, application/atom+xml, application/feed+json, application/json, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.8",
+    );
+    if let Some(etag) = &state.etag {
+        req = req.header(reqwest::header::IF_NONE_MATCH, etag);
+    }
+    if let Some(lm) = &state.last_modified {
+        req = req.header(reqwest::header::IF_MODIFIED_SINCE, lm);
+    }
+    let resp = req.send().await.map_err(|e| {
+        let message = if e.is_redirect() {
+            format!("too many redirects (more than {MAX_REDIRECTS})")
+        } else if e.is_timeout() {
+            format!("no answer within {}s", FETCH_TIMEOUT.as_secs())
+        } else {
+            format!("fetch failed: {e}")
+        };
+        PollError::new(message)
+    })?;
+    let status = resp.status().as_u16();
+    if status == 304 {
+        return Ok(Fetched::NotModified { status });
+    }
+    if !resp.status().is_success() {
+        return Err(PollError {
+            message: format!("the feed answered HTTP {status}"),
+            http_status: Some(status),
+            retry_after: header(&resp, reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v)),
+        });
+    }
+    let content_type = header(&resp, reqwest::header::CONTENT_TYPE);
+    let etag = header(&resp, reqwest::header::ETAG);
+    let last_modified = header(&resp, reqwest::header::LAST_MODIFIED);
+    let max_age = header(&resp, reqwest::header::CACHE_CONTROL).and_then(|v| parse_max_age(&v));
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(PollError {
+            message: format!("the feed is larger than {} MiB", MAX_BODY / (1024 * 1024)),
+            http_status: Some(status),
+            retry_after: None,
+        });
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| PollError {
+            message: if e.is_timeout() {
+                format!("the body did not arrive within {}s", FETCH_TIMEOUT.as_secs())
+            } else {
+                format!("reading the body failed: {e}")
+            },
+            http_status: Some(status),
+            retry_after: None,
+        })?;
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(PollError {
+                message: format!("the feed is larger than {} MiB", MAX_BODY / (1024 * 1024)),
+                http_status: Some(status),
+                retry_after: None,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Fetched::Body {
+        status,
+        body,
+        content_type,
+        etag,
+        last_modified,
+        max_age,
+    })
+}
+
+/// One poll: fetch, parse, publish what is new. Returns how long to wait before the next.
+async fn poll_once(
+    ctx: &FeedsContext,
+    client: &reqwest::Client,
+    spec: &FeedSpec,
+    state: &Mutex<FeedState>,
+) -> Result<(Duration, u16, u64), PollError> {
+    let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let fetched = fetch(client, &spec.url, &snapshot).await?;
+    let (status, body, content_type, etag, last_modified, max_age) = match fetched {
+        Fetched::NotModified { status } => return Ok((spec.every, status, 0)),
+        Fetched::Body {
+            status,
+            body,
+            content_type,
+            etag,
+            last_modified,
+            max_age,
+        } => (status, body, content_type, etag, last_modified, max_age),
+    };
+    let url = spec.url.clone();
+    let parsed = tokio::time::timeout(
+        PARSE_TIMEOUT,
+        tokio::task::spawn_blocking(move || parse::parse_feed(&body, content_type.as_deref(), &url)),
+    )
+    .await
+    .map_err(|_| PollError::new("parsing took too long"))?
+    .map_err(|e| PollError::new(format!("the parser failed: {e}")))?
+    .map_err(|e| PollError {
+        message: format!("not a readable feed: {e}"),
+        http_status: Some(status),
+        retry_after: None,
+    })?;
+    let published = publish_new(ctx, spec, parsed.entries)
+        .await
+        .map_err(|e| PollError::new(format!("could not store entries: {e}")))?;
+    {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.etag = etag;
+        s.last_modified = last_modified;
+    }
+    let wait = [Some(spec.every), parsed.ttl, max_age]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(spec.every)
+        .min(Duration::from_secs(24 * 3600));
+    Ok((wait, status, published))
+}
+
+/// Publishes the entries not seen before (oldest first, one atomic batch) and refreshes the
+/// memory of every entry still in the feed. Returns how many were newly published.
+async fn publish_new(ctx: &FeedsContext, spec: &FeedSpec, mut entries: Vec<FeedEntry>) -> Result<u64, EngineError> {
+    let mut keys_in_doc = HashSet::new();
+    entries.retain(|e| keys_in_doc.insert(e.key.clone()));
+    let now = crate::clock::now_ms();
+    let window_ms = i64::try_from(ctx.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+    let set = seen_set(&spec.name);
+    let keys: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
+    let unseen = ctx.state.unseen(&set, keys.clone(), now.saturating_sub(window_ms)).await?;
+    let mut fresh: Vec<FeedEntry> = entries
+        .into_iter()
+        .zip(unseen)
+        .filter_map(|(e, new)| new.then_some(e))
+        .collect();
+    parse::order_oldest_first(&mut fresh);
+    let mut published = 0;
+    if !fresh.is_empty() {
+        let channel = ChannelName::parse(&spec.channel).map_err(|e| EngineError::Internal(e.0))?;
+        let event = EventName::parse("entry").unwrap_or_default();
+        let messages: Vec<NewMessage> = fresh
+            .iter()
+            .filter_map(|entry| {
+                let data = Data::from_value(&parse::entry_data(entry, &spec.name)).ok()?;
+                Some(NewMessage {
+                    id: MessageId::parse(&entry.key).ok(),
+                    event: event.clone(),
+                    data,
+                })
+            })
+            .collect();
+        let results = ctx.hub.publish(&channel, messages).await?;
+        published = results.iter().filter(|r| !r.duplicate).count() as u64;
+    }
+    ctx.state
+        .mark_seen(&set, keys, now, now.saturating_sub(window_ms))
+        .await?;
+    Ok(published)
+}
+
+async fn poll_loop(
+    ctx: Arc<FeedsContext>,
+    client: reqwest::Client,
+    spec: FeedSpec,
+    state: Arc<Mutex<FeedState>>,
+    cancel: CancellationToken,
+) {
+    let label = |result: &str| vec![("feed", spec.name.clone()), ("result", result.to_owned())];
+    // Resume the schedule a restart interrupted; a feed never polled goes at once.
+    let mut wait = {
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.next_poll
+            .as_deref()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .map(|t| {
+                let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64 - crate::clock::now_ms();
+                Duration::from_millis(ms.max(0) as u64).min(MAX_BACKOFF)
+            })
+            .unwrap_or(Duration::ZERO)
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let started = crate::clock::now_ms();
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = poll_once(&ctx, &client, &spec, &state) => outcome,
+        };
+        let snapshot = {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_poll = Some(crate::clock::rfc3339_ms(started));
+            match outcome {
+                Ok((next, status, published)) => {
+                    ctx.polls_total.get_or_create(&label("ok")).inc();
+                    s.status = "ok".into();
+                    s.http_status = Some(status);
+                    s.error = None;
+                    s.consecutive_errors = 0;
+                    s.entries_seen += published;
+                    wait = next;
+                }
+                Err(e) => {
+                    ctx.polls_total.get_or_create(&label("error")).inc();
+                    tracing::info!(feed = %spec.name, error = %e.message, "feed poll failed");
+                    s.status = "error".into();
+                    s.http_status = e.http_status;
+                    s.error = Some(e.message);
+                    s.consecutive_errors = s.consecutive_errors.saturating_add(1);
+                    let factor = 2u32.saturating_pow(s.consecutive_errors.min(20));
+                    let backoff = spec.every.saturating_mul(factor).min(MAX_BACKOFF);
+                    wait = backoff.max(e.retry_after.unwrap_or_default()).min(MAX_BACKOFF.max(e.retry_after.unwrap_or_default()));
+                }
+            }
+            s.next_poll = Some(crate::clock::rfc3339_ms(
+                crate::clock::now_ms() + wait.as_millis() as i64,
+            ));
+            s.clone()
+        };
+        if let Err(error) = state_store::put_typed(&*ctx.state, STATE_KIND, &spec.name, &snapshot).await {
+            tracing::warn!(feed = %spec.name, %error, "could not save feed state");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_and_cache_headers() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_max_age("public, max-age=300"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_max_age("no-cache"), None);
+    }
+}
