@@ -11,7 +11,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineChoice};
 use crate::engine::sqlite::{SqliteEngine, SqliteOptions};
+use crate::engine::sqlite_state::SqliteState;
+use crate::engine::state::StateStore;
 use crate::engine::{Engine, EngineError};
+use crate::feeds::poller::{Feeds, FeedsContext};
+use crate::jobs::supervisor::{Jobs, JobsContext};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimiter;
 use crate::http::{AppInner, AppState};
@@ -90,23 +94,56 @@ pub async fn run(
         )?),
         EngineChoice::Redis(_) => return Err(StartError::RedisUnavailable),
     };
-    let hub = Arc::new(Hub::new(engine.clone(), live, retention, metrics));
+    let hub = Arc::new(Hub::new(engine.clone(), live, retention, metrics.clone()));
+    let state: Arc<dyn StateStore> = match &config.engine {
+        EngineChoice::Embedded => Arc::new(SqliteState::open(&config.data)?),
+        EngineChoice::Redis(_) => return Err(StartError::RedisUnavailable),
+    };
+    let run_token_key = state.secret("run_tokens").await?;
+    let local = listener.local_addr().ok();
+    let jobs_shutdown = CancellationToken::new();
+    let (jobs, job_tasks) = Jobs::start(
+        JobsContext {
+            hub: hub.clone(),
+            state: state.clone(),
+            self_url: self_url(local),
+            token_key: run_token_key.clone(),
+            runs_total: metrics.job_runs.clone(),
+            skipped_ticks_total: metrics.job_skipped_ticks.clone(),
+            max_concurrent_runs: config.max_concurrent_runs,
+        },
+        config.jobs.clone(),
+        jobs_shutdown.clone(),
+    )
+    .await?;
+    let feeds = Feeds::start(
+        FeedsContext {
+            hub: hub.clone(),
+            state: state.clone(),
+            dedupe_window: config.dedupe_window,
+            polls_total: metrics.feed_polls.clone(),
+        },
+        config.feeds.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let tasks = TaskTracker::new();
     let state = AppState(Arc::new(AppInner {
         hub: hub.clone(),
-        auth: Auth::new(config.auth.clone(), Vec::new()),
+        auth: Auth::new(config.auth.clone(), vec![run_token_key]),
         rate: RateLimiter::new(config.publish_per_second_per_ip),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         max_subscriptions: config.max_subscriptions_per_connection,
         cors_origins: config.cors_origins.clone(),
+        jobs,
+        feeds: feeds.clone(),
     }));
     tasks.spawn(maintain(
         hub.clone(),
         config.dedupe_window,
         shutdown.clone(),
     ));
-    let local: Option<SocketAddr> = listener.local_addr().ok();
     if let Some(addr) = local {
         tracing::info!(%addr, "Tidings is listening");
     }
@@ -117,19 +154,51 @@ pub async fn run(
         config.shutdown_grace,
     )
     .await;
+    // Runs are cancelled now (SIGTERM, then SIGKILL after their grace) and record themselves
+    // as cancelled; the store stays open until they have.
+    jobs_shutdown.cancel();
+    let longest_grace = config
+        .jobs
+        .iter()
+        .map(|j| j.kill_grace)
+        .max()
+        .unwrap_or_default();
+    let deadline = config.shutdown_grace.max(longest_grace + Duration::from_secs(5));
     tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, tasks.wait())
-        .await
-        .is_err()
-    {
+    let feed_tasks = feeds.tasks();
+    feed_tasks.close();
+    let everyone = async {
+        tasks.wait().await;
+        job_tasks.wait().await;
+        feed_tasks.wait().await;
+    };
+    if tokio::time::timeout(deadline, everyone).await.is_err() {
         tracing::warn!(
-            open = tasks.len(),
-            "connections still open after the grace period; closing anyway"
+            connections = tasks.len(),
+            jobs = job_tasks.len(),
+            feeds = feed_tasks.len(),
+            "still busy after the grace period; closing anyway"
         );
     }
     engine.close().await;
     tracing::info!("Tidings stopped; the store is flushed");
     Ok(())
+}
+
+/// The URL runs use to reach this hub (`TIDINGS_URL`): loopback when listening on all addresses.
+fn self_url(local: Option<SocketAddr>) -> String {
+    match local {
+        Some(addr) if addr.ip().is_unspecified() => {
+            let ip: IpAddr = if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            format!("http://{}", SocketAddr::new(ip, addr.port()))
+        }
+        Some(addr) => format!("http://{addr}"),
+        None => "http://127.0.0.1:8080".into(),
+    }
 }
 
 /// Retention and memory upkeep, until shutdown.

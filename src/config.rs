@@ -66,6 +66,7 @@ struct RawAuth {
 struct RawLimits {
     publish_per_second_per_ip: u32,
     dedupe_window: String,
+    max_concurrent_runs: usize,
 }
 
 impl Default for RawLimits {
@@ -73,6 +74,7 @@ impl Default for RawLimits {
         Self {
             publish_per_second_per_ip: 0,
             dedupe_window: "7d".into(),
+            max_concurrent_runs: 32,
         }
     }
 }
@@ -144,6 +146,10 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// Sections for later subsystems, as parsed.
     pub sections: serde_json::Map<String, serde_json::Value>,
+    pub jobs: Vec<crate::jobs::spec::JobSpec>,
+    pub feeds: Vec<crate::jobs::spec::FeedSpec>,
+    /// Runs that may execute at once across all jobs.
+    pub max_concurrent_runs: usize,
 }
 
 impl Config {
@@ -174,7 +180,14 @@ impl Config {
             .map(Path::to_path_buf)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
-        resolve(raw, overrides, base_dir)
+        let mut config = resolve(raw, overrides, base_dir)?;
+        if file.is_none() && config.jobs.is_empty() && config.feeds.is_empty() {
+            // No configuration at all: show both flagship uses out of the box.
+            let (jobs, feeds) = crate::jobs::spec::defaults();
+            config.jobs = jobs;
+            config.feeds = feeds;
+        }
+        Ok(config)
     }
 
     /// Parses a config from TOML text (tests and `--check`).
@@ -298,6 +311,10 @@ fn resolve(
         return Err(invalid(unknown.clone(), "unknown section"));
     }
     let dedupe_window = parse_duration("limits.dedupe_window", &raw.limits.dedupe_window)?;
+    if raw.limits.max_concurrent_runs == 0 {
+        return Err(invalid("limits.max_concurrent_runs", "must be at least 1"));
+    }
+    let (jobs, feeds) = crate::jobs::spec::resolve(&raw.rest, &base_dir)?;
     let shutdown_grace = parse_duration("server.shutdown_grace", &raw.server.shutdown_grace)?;
     Ok(Config {
         listen,
@@ -318,6 +335,9 @@ fn resolve(
         insecure: overrides.insecure,
         base_dir,
         sections: raw.rest,
+        jobs,
+        feeds,
+        max_concurrent_runs: raw.limits.max_concurrent_runs,
     })
 }
 

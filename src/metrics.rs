@@ -18,7 +18,13 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub slow_consumers: Counter,
     pub store_commit: Histogram,
+    pub job_runs: Family<LabelSet, Counter>,
+    pub job_skipped_ticks: Family<LabelSet, Counter>,
+    pub feed_polls: Family<LabelSet, Counter>,
 }
+
+/// Labels whose values are only known at run time (job and feed names).
+pub type LabelSet = Vec<(&'static str, String)>;
 
 /// The `transport` label value for each surface.
 pub fn transport(name: &'static str) -> TransportLabel {
@@ -78,6 +84,16 @@ impl Default for Metrics {
             "Duration of one group commit",
             store_commit.clone(),
         );
+        let job_runs = Family::<LabelSet, Counter>::default();
+        registry.register("job_runs", "Finished job runs by job and status", job_runs.clone());
+        let job_skipped_ticks = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "job_skipped_ticks",
+            "Scheduled ticks skipped because the job was still running",
+            job_skipped_ticks.clone(),
+        );
+        let feed_polls = Family::<LabelSet, Counter>::default();
+        registry.register("feed_polls", "Feed polls by feed and result", feed_polls.clone());
         Self {
             registry,
             connections,
@@ -87,6 +103,9 @@ impl Default for Metrics {
             delivery_latency,
             slow_consumers,
             store_commit,
+            job_runs,
+            job_skipped_ticks,
+            feed_polls,
         }
     }
 }

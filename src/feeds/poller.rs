@@ -26,7 +26,7 @@ pub const MAX_REDIRECTS: usize = 5;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const PARSE_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub type LabelSet = Vec<(&'static str, String)>;
+pub use crate::metrics::LabelSet;
 
 /// A feed's poll state, persisted and shown by the API.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -244,6 +244,21 @@ impl PollError {
     }
 }
 
+/// An error with its causes, e.g. "error sending request: connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn header(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
@@ -296,7 +311,7 @@ async fn fetch(client: &reqwest::Client, url: &str, state: &FeedState) -> Result
         } else if e.is_timeout() {
             format!("no answer within {}s", FETCH_TIMEOUT.as_secs())
         } else {
-            format!("fetch failed: {e}")
+            format!("fetch failed: {}", error_chain(&e))
         };
         PollError::new(message)
     })?;

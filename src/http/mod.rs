@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod channels;
 pub mod error;
+pub mod feeds;
+pub mod jobs;
 pub mod ops;
 pub mod ratelimit;
 pub mod sse;
@@ -45,6 +47,8 @@ pub struct AppInner {
     pub tasks: TaskTracker,
     pub max_subscriptions: usize,
     pub cors_origins: Vec<String>,
+    pub jobs: crate::jobs::supervisor::Jobs,
+    pub feeds: crate::feeds::poller::Feeds,
 }
 
 #[derive(Clone)]
@@ -114,6 +118,17 @@ pub fn router(state: AppState) -> Router {
             get(channels::read).post(channels::publish),
         )
         .route("/api/channels/{ch}/events", get(sse::events))
+        .route("/api/jobs", get(jobs::list))
+        .route(
+            "/api/jobs/{name}/runs",
+            get(jobs::runs_of_job).post(jobs::start),
+        )
+        .route(
+            "/api/runs/{id}",
+            get(jobs::get_run).delete(jobs::cancel_run),
+        )
+        .route("/api/feeds", get(feeds::list).post(feeds::add))
+        .route("/api/feeds/{name}", axum::routing::delete(feeds::remove))
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         .layer(cors)

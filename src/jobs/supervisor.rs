@@ -24,7 +24,7 @@ use crate::hub::Hub;
 /// The longest a run parameter value may be.
 pub const MAX_PARAM_LEN: usize = 1024;
 
-pub type LabelSet = Vec<(&'static str, String)>;
+pub use crate::metrics::LabelSet;
 
 /// What a run needs from the rest of the hub.
 pub struct JobsContext {
@@ -84,7 +84,7 @@ enum Event {
     },
     Cancel {
         id: String,
-        reply: oneshot::Sender<Result<Option<Run>, StartError>>,
+        reply: oneshot::Sender<Result<Option<(Run, bool)>, StartError>>,
     },
     States {
         reply: oneshot::Sender<Vec<JobState>>,
@@ -190,8 +190,9 @@ impl Jobs {
         rx.await.map_err(|_| StartError::Stopped)?
     }
 
-    /// Cancels a run; `None` when no such run exists. A finished run is returned unchanged.
-    pub async fn cancel(&self, id: &str) -> Result<Option<Run>, StartError> {
+    /// Cancels a run; `None` when no such run exists. The flag says whether anything was
+    /// cancelled (false: the run had already finished and is returned unchanged).
+    pub async fn cancel(&self, id: &str) -> Result<Option<(Run, bool)>, StartError> {
         let (reply, rx) = oneshot::channel();
         self.events
             .send(Event::Cancel {
@@ -507,10 +508,10 @@ impl Supervisor {
         }
     }
 
-    async fn cancel(&mut self, id: &str) -> Result<Option<Run>, StartError> {
+    async fn cancel(&mut self, id: &str) -> Result<Option<(Run, bool)>, StartError> {
         if let Some(running) = self.running.get(id) {
             running.cancel.cancel();
-            return Ok(Some(running.run.clone()));
+            return Ok(Some((running.run.clone(), true)));
         }
         if let Some(pos) = self.queued.iter().position(|r| r.id == id) {
             if let Some(mut run) = self.queued.remove(pos) {
@@ -520,11 +521,11 @@ impl Supervisor {
                 publish_run_event(&self.ctx.hub, &run).await;
                 super::execute::publish_exit(&self.ctx.hub, &run).await;
                 self.last_run.insert(run.job.clone(), run.clone());
-                return Ok(Some(run));
+                return Ok(Some((run, true)));
             }
         }
         match self.ctx.state.run(id).await? {
-            Some(stored) => Ok(Some(Run::from_stored(&stored)?)),
+            Some(stored) => Ok(Some((Run::from_stored(&stored)?, false))),
             None => Ok(None),
         }
     }
