@@ -122,6 +122,7 @@ pub async fn run(
             state: state.clone(),
             dedupe_window: config.dedupe_window,
             polls_total: metrics.feed_polls.clone(),
+            fetch_timeout: config.feed_timeout,
         },
         config.feeds.clone(),
         shutdown.clone(),

@@ -117,53 +117,165 @@ pub async fn tail(
     since: Option<u64>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ClientError> {
-    let mut last_event_id: Option<String> = None;
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        let mut path = format!("/api/channels/{}/events", encode_path(channel));
-        if let (None, Some(n)) = (&last_event_id, since) {
-            path.push_str(&format!("?since={n}"));
+    follow_channel(client, channel, since, |event| {
+        match event.event.as_deref() {
+            None | Some("message") => {
+                writeln!(out, "{}", event.data)?;
+                out.flush()?;
+            }
+            Some("reset") => eprintln!("tidings: history was reset or truncated: {}", event.data),
+            Some(_) => {}
         }
+        Ok(true)
+    })
+    .await
+}
+
+/// Streams `channel` over SSE, resuming with `Last-Event-ID` after disconnects, handing each
+/// event to `handle` until it returns `false`.
+pub async fn follow_channel(
+    client: &Client,
+    channel: &str,
+    since: Option<u64>,
+    mut handle: impl FnMut(&SseEvent) -> Result<bool, ClientError>,
+) -> Result<(), ClientError> {
+    let mut last_event_id: Option<String> = since.map(|n| n.to_string());
+    let mut backoff = Duration::from_millis(250);
+    let mut connected_once = false;
+    loop {
+        let path = format!("/api/channels/{}/events", encode_path(channel));
         let mut req = client.request(reqwest::Method::GET, &path);
         if let Some(id) = &last_event_id {
             req = req.header("last-event-id", id);
         }
         let resp = match client.send(req).await {
             Ok(r) => r,
-            Err(ClientError::Connect { .. }) if last_event_id.is_some() => {
+            Err(ClientError::Connect { .. }) if connected_once => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
             Err(e) => return Err(e),
         };
+        connected_once = true;
         backoff = Duration::from_millis(250);
         let mut parser = SseParser::default();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
             for event in parser.feed(&chunk) {
-                if let Some(id) = event.id {
-                    last_event_id = Some(id);
+                if let Some(id) = &event.id {
+                    last_event_id = Some(id.clone());
                 }
-                match event.event.as_deref() {
-                    None | Some("message") => {
-                        writeln!(out, "{}", event.data)?;
-                        out.flush()?;
-                    }
-                    Some("reset") => {
-                        eprintln!("tidings: history was reset or truncated: {}", event.data)
-                    }
-                    Some(_) => {}
+                if !handle(&event)? {
+                    return Ok(());
                 }
             }
         }
-        if last_event_id.is_none() {
-            // Nothing was received yet; resume from where we asked to start.
-            last_event_id = since.map(|n| n.to_string());
-        }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Starts a run of `job` (trigger `cli`); returns the run object.
+pub async fn start_run(
+    client: &Client,
+    job: &str,
+    params: &[(String, String)],
+) -> Result<serde_json::Value, ClientError> {
+    let params: serde_json::Map<String, serde_json::Value> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let body = serde_json::json!({"params": params, "trigger": "cli"});
+    let path = format!("/api/jobs/{}/runs", encode_path(job));
+    let resp = client
+        .send(client.request(reqwest::Method::POST, &path).json(&body))
+        .await?;
+    resp.json().await.map_err(|source| ClientError::Connect {
+        url: client.server.clone(),
+        source,
+    })
+}
+
+/// Prints a run's output as it is printed (stdout lines to `out`, stderr lines to `err`)
+/// and returns the process exit code to mirror: the run's own, 128 + signal number when a
+/// signal ended it, 1 for any other failure.
+pub async fn follow_run(
+    client: &Client,
+    channel: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<i32, ClientError> {
+    let mut code = 1;
+    follow_channel(client, channel, Some(0), |event| {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(&event.data) else {
+            return Ok(true);
+        };
+        match message["event"].as_str() {
+            Some("line") => {
+                let line = message["data"]["line"].as_str().unwrap_or_default();
+                if message["data"]["stream"] == "stderr" {
+                    writeln!(err, "{line}")?;
+                } else {
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+                Ok(true)
+            }
+            Some("exit") => {
+                let data = &message["data"];
+                code = match (data["exit_code"].as_i64(), data["signal"].as_str()) {
+                    (Some(c), _) => i32::try_from(c).unwrap_or(1),
+                    (None, Some(signal)) => 128 + signal_number(signal).unwrap_or(0),
+                    (None, None) => 1,
+                };
+                if data["status"] != "succeeded" {
+                    writeln!(err, "tidings: run {}", data)?;
+                }
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
+    })
+    .await?;
+    Ok(code)
+}
+
+fn signal_number(name: &str) -> Option<i32> {
+    Some(match name {
+        "SIGHUP" => 1,
+        "SIGINT" => 2,
+        "SIGQUIT" => 3,
+        "SIGABRT" => 6,
+        "SIGKILL" => 9,
+        "SIGSEGV" => 11,
+        "SIGPIPE" => 13,
+        "SIGALRM" => 14,
+        "SIGTERM" => 15,
+        _ => return None,
+    })
+}
+
+/// `GET`/`POST`/`DELETE` on a JSON endpoint, returning the body.
+pub async fn call(
+    client: &Client,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientError> {
+    let mut req = client.request(method, path);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = client.send(req).await?;
+    resp.json().await.map_err(|source| ClientError::Connect {
+        url: client.server.clone(),
+        source,
+    })
+}
+
+pub fn encode_segment(segment: &str) -> String {
+    encode_path(segment)
 }
 
 /// One parsed Server-Sent Event.

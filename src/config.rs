@@ -67,6 +67,7 @@ struct RawLimits {
     publish_per_second_per_ip: u32,
     dedupe_window: String,
     max_concurrent_runs: usize,
+    feed_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -75,6 +76,7 @@ impl Default for RawLimits {
             publish_per_second_per_ip: 0,
             dedupe_window: "7d".into(),
             max_concurrent_runs: 32,
+            feed_timeout: "30s".into(),
         }
     }
 }
@@ -150,6 +152,8 @@ pub struct Config {
     pub feeds: Vec<crate::jobs::spec::FeedSpec>,
     /// Runs that may execute at once across all jobs.
     pub max_concurrent_runs: usize,
+    /// The most one feed fetch (connect, headers and body) may take.
+    pub feed_timeout: Duration,
 }
 
 impl Config {
@@ -315,6 +319,10 @@ fn resolve(
         return Err(invalid("limits.max_concurrent_runs", "must be at least 1"));
     }
     let (jobs, feeds) = crate::jobs::spec::resolve(&raw.rest, &base_dir)?;
+    let feed_timeout = parse_duration("limits.feed_timeout", &raw.limits.feed_timeout)?;
+    if feed_timeout.is_zero() {
+        return Err(invalid("limits.feed_timeout", "must be longer than 0"));
+    }
     let shutdown_grace = parse_duration("server.shutdown_grace", &raw.server.shutdown_grace)?;
     Ok(Config {
         listen,
@@ -338,6 +346,7 @@ fn resolve(
         jobs,
         feeds,
         max_concurrent_runs: raw.limits.max_concurrent_runs,
+        feed_timeout,
     })
 }
 

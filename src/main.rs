@@ -86,12 +86,53 @@ enum Command {
         #[arg(long)]
         since: Option<u64>,
     },
+    /// Start a run of JOB; with --follow, print its output live and exit with its exit code.
+    Run {
+        job: String,
+        /// A declared job parameter, as name=value (repeatable).
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// Print the run's output as it is printed and exit with the run's exit code.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Manage polled feeds.
+    Feeds {
+        #[command(subcommand)]
+        command: FeedsCommand,
+    },
     /// Load-test a hub running on this machine (loopback only): prints one JSON report to
     /// stdout and a summary line to stderr; exits non-zero if work is missing at --timeout.
     Bench {
         #[command(subcommand)]
         scenario: tidings::bench::Scenario,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum FeedsCommand {
+    /// Start polling a feed (persisted; publishes each new entry once to its channel).
+    Add {
+        name: String,
+        url: String,
+        /// Poll interval, e.g. 30s, 5m (default 30s, at least 1s).
+        #[arg(long)]
+        every: Option<String>,
+        /// Channel to publish to (default feeds:NAME).
+        #[arg(long)]
+        channel: Option<String>,
+    },
+    /// List feeds with their poll state.
+    List,
+    /// Stop polling a feed added at run time (its history is kept).
+    Rm { name: String },
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -120,8 +161,24 @@ fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tidings: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidings: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let client = Client::new(&cli.server, cli.key.clone());
@@ -168,6 +225,46 @@ async fn main() -> anyhow::Result<()> {
         Command::Tail { channel, since } => {
             let mut stdout = std::io::stdout();
             cli::tail(&client, &channel, since, &mut stdout).await?;
+        }
+        Command::Run {
+            job,
+            params,
+            follow,
+        } => {
+            let run = cli::start_run(&client, &job, &params).await?;
+            if !follow {
+                println!("{run}");
+                return Ok(());
+            }
+            let channel = run["channel"].as_str().unwrap_or_default().to_owned();
+            eprintln!("tidings: run {} of {job} started", run["id"].as_str().unwrap_or("?"));
+            let code = cli::follow_run(&client, &channel, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+            std::process::exit(code);
+        }
+        Command::Feeds { command } => {
+            let result = match command {
+                FeedsCommand::Add {
+                    name,
+                    url,
+                    every,
+                    channel,
+                } => {
+                    let mut body = serde_json::json!({"name": name, "url": url});
+                    if let Some(e) = every {
+                        body["every"] = e.into();
+                    }
+                    if let Some(c) = channel {
+                        body["channel"] = c.into();
+                    }
+                    cli::call(&client, reqwest::Method::POST, "/api/feeds", Some(body)).await?
+                }
+                FeedsCommand::List => cli::call(&client, reqwest::Method::GET, "/api/feeds", None).await?,
+                FeedsCommand::Rm { name } => {
+                    let path = format!("/api/feeds/{}", cli::encode_segment(&name));
+                    cli::call(&client, reqwest::Method::DELETE, &path, None).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Bench { scenario } => {
             tidings::bench::run(&client.server, client.key.clone(), scenario).await?;

@@ -32,8 +32,82 @@ const REQUIRED_OVERALL: f64 = 0.97;
 const FIELDS: [&str; 6] = ["id", "title", "link", "author", "published", "updated"];
 
 /// Reference values that are feedparser's mistakes, not the parser's: (doc_id, field, why).
-/// A skipped case is left out of the counts.
-const SKIPS: &[(&str, &str, &str)] = &[];
+/// Field `entry_count` skips the entry-count check, `*` every field of the document. A
+/// skipped case is left out of the counts.
+const SKIPS: &[(&str, &str, &str)] = &[
+    (
+        "w3c-feedvalidator/testcases/atom/4.2.11/source-entry.xml",
+        "entry_count",
+        "an <entry/> inside an entry's <source> is invalid, not a second entry; feedparser \
+         starts a new entry there and empties the real one",
+    ),
+    (
+        "w3c-feedvalidator/testcases/atom/4.2.11/source-entry.xml",
+        "*",
+        "as above: feedparser's entries are split at the bogus nested <entry/>",
+    ),
+    (
+        "w3c-feedvalidator/testcases/atom/4.2.11/missing-self.xml",
+        "entry_count",
+        "same document shape as source-entry.xml: a nested <entry/> in <source>",
+    ),
+    (
+        "w3c-feedvalidator/testcases/atom/4.2.11/missing-self.xml",
+        "*",
+        "as above",
+    ),
+    (
+        "feedparser/tests/wellformed/rss/item_category_image.xml",
+        "title",
+        "the item has no title; feedparser takes the title of an <image> nested inside a \
+         <category>",
+    ),
+    (
+        "feedparser/tests/wellformed/node_precedence/atom10_id.xml",
+        "link",
+        "the entry has no link; feedparser makes one from the id of an <image> nested in the \
+         entry (the test is about that nested id not winning)",
+    ),
+    (
+        "feedparser/tests/wellformed/rss/item_guid_isPermaLink_ValueError.xml",
+        "id",
+        "Python's urljoin raises on the guid 'http://example.c[o.test/' and feedparser \
+         replaces the id with ''; the id is what the feed says",
+    ),
+    (
+        "feedparser/tests/wellformed/rss/item_guid_isPermaLink_ValueError.xml",
+        "link",
+        "same: feedparser's link is '' because urljoin raised",
+    ),
+    (
+        "w3c-feedvalidator/testcases/rss20/data-types-email/jumbled2.xml",
+        "author",
+        "'John Smith (mailto:jsmith@example.org)': feedparser strips the address but not \
+         'mailto:' and returns 'John Smith (mailto:'",
+    ),
+    (
+        "feedparser/tests/wellformed/base/http_entry_id_base_content_location.xml",
+        "link",
+        "resolved against the Content-Location header feedparser's test served; Tidings \
+         resolves against the URL it fetched (RFC 9110 no longer makes Content-Location a base)",
+    ),
+    (
+        "feedparser/tests/wellformed/base/http_entry_link_base_content_location.xml",
+        "link",
+        "as above (Content-Location)",
+    ),
+    (
+        "feedparser/tests/wellformed/base/http_item_link_base_content_location.xml",
+        "link",
+        "as above (Content-Location)",
+    ),
+    (
+        "feedparser/tests/json/example.json",
+        "author",
+        "JSON Feed (1.0 and 1.1) says an item without an author has the feed's author; \
+         feedparser does not inherit it",
+    ),
+];
 
 struct Doc {
     path: String,
@@ -95,9 +169,27 @@ fn ours<'a>(entry: Option<&'a FeedEntry>, field: &str) -> Option<&'a str> {
     }
 }
 
+/// An RFC 3339 UTC time as (year, month, day, hour, minute, second); the reference writes
+/// years before 1000 without padding ("103-12-13T18:30:02Z").
+fn instant(s: &str) -> Option<Vec<i64>> {
+    let parts: Vec<i64> = s
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    (parts.len() == 6 && s.ends_with('Z')).then_some(parts)
+}
+
 fn field_matches(field: &str, reference: &Value, ours: Option<&str>) -> bool {
     let ours = norm_text(ours);
     match field {
+        "published" | "updated" => {
+            let wanted = norm_text(ref_str(reference, field));
+            match (&ours, &wanted) {
+                (Some(a), Some(b)) => instant(a).is_some() && instant(a) == instant(b),
+                (a, b) => a == b,
+            }
+        }
         "id" => {
             let wanted = norm_text(ref_str(reference, "id"));
             ours == wanted
@@ -105,7 +197,22 @@ fn field_matches(field: &str, reference: &Value, ours: Option<&str>) -> bool {
                     .iter()
                     .any(|alt| ours.is_some() && norm_text(ref_str(reference, alt)) == ours)
         }
-        // Times are RFC 3339 UTC at second precision on both sides.
+        // feedparser turns a guid/id into the link even when it is no web address
+        // (`urn:uuid:…`, `tag:…`); Tidings' link is only ever a followable URL, so for those
+        // entries no link is the right answer. Counted as a match only in exactly that case.
+        "link" if ours.is_none() => {
+            let wanted = norm_text(ref_str(reference, "link"));
+            match &wanted {
+                None => true,
+                Some(link) => {
+                    let scheme = link.split(':').next().unwrap_or("").to_ascii_lowercase();
+                    !matches!(scheme.as_str(), "http" | "https" | "ftp" | "file")
+                        && ["id", "id_resolved", "id_text"]
+                            .iter()
+                            .any(|k| norm_text(ref_str(reference, k)).as_ref() == Some(link))
+                }
+            }
+        }
         _ => ours == norm_text(ref_str(reference, field)),
     }
 }
@@ -225,7 +332,7 @@ fn feed_corpus_matches_reference() {
         }
         for (i, ref_entry) in ref_entries.iter().enumerate() {
             for field in FIELDS {
-                if skips.contains_key(&(doc_id, field)) {
+                if skips.contains_key(&(doc_id, field)) || skips.contains_key(&(doc_id, "*")) {
                     continue;
                 }
                 let ours = ours(entries.get(i), field);
@@ -287,7 +394,7 @@ fn feed_corpus_matches_reference() {
         "slowest parse: {:?} ({}); all parses: {:?}",
         slowest.0, slowest.1, total_time
     );
-    println!("skipped reference cases: {}", SKIPS.len());
+    println!("skipped reference cases (feedparser is wrong): {}", SKIPS.len());
     if details {
         for m in &mismatches {
             println!("mismatch {m}");

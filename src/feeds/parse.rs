@@ -637,6 +637,7 @@ fn strip_declared_encoding(text: &str) -> String {
 /// Escapes bare `&` and turns HTML-only named entities into character references, outside
 /// CDATA sections, comments and processing instructions.
 fn repair_xml(text: &str) -> String {
+    let declared = dtd_entities(text);
     let mut out = String::with_capacity(text.len() + 64);
     let mut rest = text;
     while let Some(pos) = rest.find(['&', '<']) {
@@ -662,10 +663,16 @@ fn repair_xml(text: &str) -> String {
         match reference_len(after) {
             Some((len, name)) => {
                 match name {
-                    Some(name) if !XML_ENTITIES.contains(&name) => match html_entity(name) {
-                        Some(c) => out.push_str(&format!("&#{};", c as u32)),
-                        None => out.push_str(&rest[..=len]),
-                    },
+                    Some(name) if !XML_ENTITIES.contains(&name) => {
+                        if let Some((_, value)) = declared.iter().find(|(n, _)| n == name) {
+                            // Declared in the document's own DTD (which XML readers here skip).
+                            out.push_str(value);
+                        } else if let Some(c) = html_entity(name) {
+                            out.push_str(&format!("&#{};", c as u32));
+                        } else {
+                            out.push_str(&rest[..=len]);
+                        }
+                    }
                     _ => out.push_str(&rest[..=len]),
                 }
                 rest = &rest[len + 1..];
@@ -682,10 +689,54 @@ fn repair_xml(text: &str) -> String {
 
 const XML_ENTITIES: [&str; 5] = ["amp", "lt", "gt", "quot", "apos"];
 
+/// The general entities with literal values declared in the document's internal DTD subset
+/// (`<!DOCTYPE rss [ <!ENTITY id "tag:example.com,"> ]>`). Bounded in number and size.
+fn dtd_entities(text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let Some(doctype) = text.find("<!DOCTYPE") else {
+        return found;
+    };
+    let after = &text[doctype..];
+    let (Some(open), Some(gt)) = (after.find('['), after.find('>')) else {
+        return found;
+    };
+    if open > gt {
+        return found;
+    }
+    let subset = &after[open + 1..];
+    let subset = &subset[..subset.find("]>").or_else(|| subset.find(']')).unwrap_or(0)];
+    let mut rest = subset;
+    while let Some(pos) = rest.find("<!ENTITY") {
+        rest = rest[pos + "<!ENTITY".len()..].trim_start();
+        if rest.starts_with('%') {
+            continue; // a parameter entity
+        }
+        let name_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        rest = rest[name_end..].trim_start();
+        let Some(quote) = rest.chars().next().filter(|c| *c == '"' || *c == '\'') else {
+            continue; // an external entity
+        };
+        let Some(end) = rest[1..].find(quote) else {
+            break;
+        };
+        let value = &rest[1..=end];
+        if !name.is_empty() && value.len() <= 4096 && !value.contains('&') {
+            found.push((name.to_string(), value.to_string()));
+        }
+        rest = &rest[end + 2..];
+        if found.len() >= 256 {
+            break;
+        }
+    }
+    found
+}
+
 /// If `s` (what follows an `&`) is a well-formed reference, its length through the `;` and,
 /// for a named one, the name.
 fn reference_len(s: &str) -> Option<(usize, Option<&str>)> {
-    let end = s.find(';')?;
+    // References are short; looking further would make a run of bare '&' quadratic.
+    let end = s.bytes().take(64).position(|b| b == b';')?;
     let body = &s[..end];
     if let Some(num) = body.strip_prefix('#') {
         let ok = if let Some(hex) = num.strip_prefix('x').or_else(|| num.strip_prefix('X')) {
@@ -724,6 +775,7 @@ const NS_DCTERMS: &str = "http://purl.org/dc/terms/";
 const NS_CONTENT: &str = "http://purl.org/rss/1.0/modules/content/";
 const NS_ITUNES: &str = "http://www.itunes.com/dtds/podcast-1.0.dtd";
 const NS_XHTML: &str = "http://www.w3.org/1999/xhtml";
+const NS_MEDIA: &str = "http://search.yahoo.com/mrss/";
 
 /// Elements deeper than this are not kept (a hostile document must not exhaust the stack).
 const MAX_DEPTH: usize = 256;
@@ -765,15 +817,17 @@ impl Node {
                 NS_RSS_USERLAND,
                 NS_RSS_HARVARD,
             ]
-            .contains(&self.ns.as_str())
+            .iter()
+            .any(|ns| self.in_ns(ns))
     }
 
     fn is(&self, local: &str) -> bool {
         self.local == local && self.is_core()
     }
 
-    fn is_in(&self, ns: &str, local: &str) -> bool {
-        self.local == local && self.ns == ns
+    /// In this namespace (compared without case, as feed readers do).
+    fn in_ns(&self, ns: &str) -> bool {
+        self.ns.eq_ignore_ascii_case(ns)
     }
 
     fn elements(&self) -> impl Iterator<Item = &Node> {
@@ -935,7 +989,12 @@ fn build_tree(text: &str, base_url: &str) -> Result<Node, ScanError> {
                     .last()
                     .map_or(base_url, |f| f.node.base.as_str())
                     .to_string();
-                let base = match attrs.iter().find(|(k, _)| k == "xml:base") {
+                // xml:base; CDF says BASE on its <CHANNEL>.
+                let is_cdf_channel = prefix.is_empty() && local == "CHANNEL";
+                let base = match attrs
+                    .iter()
+                    .find(|(k, _)| k == "xml:base" || (is_cdf_channel && k == "BASE"))
+                {
                     Some((_, b)) => resolve_url(&parent_base, b),
                     None => parent_base,
                 };
@@ -1058,12 +1117,13 @@ fn collect_entries<'a>(node: &'a Node, out: &mut Vec<&'a Node>) {
 
 fn scan_entry(node: &Node) -> FeedEntry {
     let mut entry = FeedEntry::default();
-    // Whether <link> (or an alternate Atom link) set the link; a permalink guid only fills it
-    // when nothing did.
+    // The link rules of the common feed readers: an alternate HTML link or an RSS <link> sets
+    // the link; a permalink guid (or an Atom id) fills it only when nothing else did.
     let mut guid_link: Option<String> = None;
     let mut link: Option<String> = None;
     let mut summary: Option<String> = None;
     let mut content: Option<String> = None;
+    let (mut dc_title, mut media_title) = (None, None);
 
     for child in node.elements() {
         let core = child.is_core();
@@ -1075,13 +1135,17 @@ fn scan_entry(node: &Node) -> FeedEntry {
                     .attr("isPermaLink")
                     .is_none_or(|v| v.trim().eq_ignore_ascii_case("true"));
                 if permalink && link.is_none() && guid_link.is_none() && !value.is_empty() {
-                    guid_link = Some(resolve_url(&child.base, &value));
+                    guid_link = safe_link(&child.base, &value);
                 }
                 entry.id = Some(value);
             }
-            "title" if core => entry.title = text_construct_plain(child),
-            "title" if child.ns == NS_DC && entry.title.is_none() => {
-                entry.title = text_construct_plain(child)
+            // The first title counts (a second one is a feed error).
+            "title" if core && entry.title.is_none() => entry.title = text_construct_plain(child),
+            "title" if child.in_ns(NS_DC) && dc_title.is_none() => {
+                dc_title = text_construct_plain(child)
+            }
+            "title" if child.in_ns(NS_MEDIA) && media_title.is_none() => {
+                media_title = text_construct_plain(child)
             }
             "link" if core => {
                 if let Some(href) = child.attr("href") {
@@ -1096,55 +1160,55 @@ fn scan_entry(node: &Node) -> FeedEntry {
                             "text/html" | "application/xhtml+xml" | "html" | "xhtml"
                         )
                     {
-                        link = Some(resolve_url(&child.base, href));
+                        link = Some(safe_link(&child.base, href).unwrap_or_default());
                     }
                 } else {
                     let value = child.text();
                     let value = value.trim();
-                    link = Some(resolve_url(&child.base, value)).filter(|s| !s.is_empty());
+                    link = Some(if value.is_empty() {
+                        String::new()
+                    } else {
+                        safe_link(&child.base, value).unwrap_or_default()
+                    });
                 }
             }
-            "author" if core => {
-                let name = if child.elements().next().is_some() {
-                    // Atom person construct.
-                    child
-                        .elements()
-                        .filter(|n| n.is("name"))
-                        .last()
-                        .map(|n| collapse_ws(&n.text()))
-                } else {
-                    author_name(&child.text())
-                };
-                if let Some(name) = name.filter(|n| !n.is_empty()) {
-                    entry.author = Some(name);
+            // Atom person constructs: the last <author> names the entry, as in feedparser.
+            "author" if core && child.elements().next().is_some() => {
+                let name = child
+                    .elements()
+                    .find(|n| n.is("name"))
+                    .map(|n| collapse_ws(&n.text()))
+                    .filter(|n| !n.is_empty());
+                if name.is_some() {
+                    entry.author = name;
                 }
             }
-            "creator" if child.ns == NS_DC => {
-                if let Some(name) = author_name(&child.text()) {
-                    entry.author = Some(name);
-                }
-            }
-            "author" if child.ns == NS_ITUNES && entry.author.is_none() => {
-                entry.author = author_name(&child.text());
-            }
+            // Text authors (RSS author, dc:creator …): the first counts.
+            _ if entry.author.is_some() => {}
+            "author" if core => entry.author = author_name(&child.text()),
+            "creator" | "author" if child.in_ns(NS_DC) => entry.author = author_name(&child.text()),
+            "author" if child.in_ns(NS_ITUNES) => entry.author = author_name(&child.text()),
+            _ => {}
+        }
+        match name {
             "published" | "issued" | "pubdate" if core => {
                 entry.published = parse_date(&child.text()).map(format_rfc3339)
             }
-            "issued" if child.ns == NS_DCTERMS => {
+            "issued" if child.in_ns(NS_DCTERMS) => {
                 entry.published = parse_date(&child.text()).map(format_rfc3339)
             }
             "updated" | "modified" if core => {
                 entry.updated = parse_date(&child.text()).map(format_rfc3339)
             }
-            "date" if child.ns == NS_DC => {
+            "date" if child.in_ns(NS_DC) => {
                 entry.updated = parse_date(&child.text()).map(format_rfc3339)
             }
-            "modified" if child.ns == NS_DCTERMS => {
+            "modified" if child.in_ns(NS_DCTERMS) => {
                 entry.updated = parse_date(&child.text()).map(format_rfc3339)
             }
             "summary" | "description" if core => summary = text_construct_raw(child),
             "content" if core => content = text_construct_raw(child),
-            "encoded" if child.ns == NS_CONTENT => content = text_construct_raw(child),
+            "encoded" if child.in_ns(NS_CONTENT) => content = text_construct_raw(child),
             "category" if core => {
                 let term = child
                     .attr("term")
@@ -1155,7 +1219,7 @@ fn scan_entry(node: &Node) -> FeedEntry {
                     entry.categories.push(term);
                 }
             }
-            "subject" if child.ns == NS_DC => {
+            "subject" if child.in_ns(NS_DC) => {
                 let term = collapse_ws(&child.text());
                 if !term.is_empty() {
                     entry.categories.push(term);
@@ -1164,10 +1228,24 @@ fn scan_entry(node: &Node) -> FeedEntry {
             _ => {}
         }
     }
+    if entry.title.is_none() {
+        entry.title = dc_title.or(media_title);
+    }
     // RSS 1.0 items name themselves with rdf:about.
     if entry.id.is_none() && node.local == "item" {
         if let Some(about) = node.attr("rdf:about") {
             entry.id = Some(about.trim().to_string());
+        }
+    }
+    // CDF (Microsoft's Channel Definition Format): <ITEM HREF=… LASTMOD=…>.
+    if link.is_none() && guid_link.is_none() {
+        if let Some(href) = node.attr("href") {
+            guid_link = safe_link(&node.base, href);
+        }
+    }
+    if entry.updated.is_none() {
+        if let Some(lastmod) = node.attr("lastmod") {
+            entry.updated = parse_date(lastmod).map(format_rfc3339);
         }
     }
     entry.id = entry.id.filter(|s| !s.is_empty());
@@ -1203,16 +1281,22 @@ fn text_construct(node: &Node) -> (String, bool) {
         .attr("mode")
         .map(|m| m.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let is_atom = node.ns == NS_ATOM10 || node.ns == NS_ATOM03;
+    let is_atom10 = node.in_ns(NS_ATOM10);
+    let is_atom = is_atom10 || node.in_ns(NS_ATOM03);
     let xhtml = matches!(ty.as_str(), "xhtml" | "application/xhtml+xml")
         || mode == "xml"
-        || node.elements().any(|n| n.ns == NS_XHTML);
-    if xhtml && node.elements().next().is_some() {
-        // Inline XHTML: the markup is real elements; unwrap the conventional <div>.
+        || node.elements().any(|n| n.in_ns(NS_XHTML));
+    if xhtml {
+        // Inline XHTML: the markup is real elements (text, CDATA included, is text); unwrap
+        // the conventional <div>.
         let only_div = {
             let mut elems = node.elements();
+            let has_text = node
+                .children
+                .iter()
+                .any(|c| matches!(c, Child::Text(t) if !t.trim().is_empty()));
             match (elems.next(), elems.next()) {
-                (Some(div), None) if div.local == "div" => Some(div),
+                (Some(div), None) if div.local == "div" && !has_text => Some(div),
                 _ => None,
             }
         };
@@ -1220,15 +1304,22 @@ fn text_construct(node: &Node) -> (String, bool) {
         return (markup, true);
     }
     let mut value = node.text();
-    if mode == "base64" {
+    // Atom 0.3 says so with mode="base64"; Atom 1.0 with any media type that is not text or
+    // XML.
+    let base64 = mode == "base64"
+        || (is_atom10
+            && ty.contains('/')
+            && !ty.starts_with("text/")
+            && !ty.ends_with("+xml")
+            && !ty.ends_with("/xml"));
+    if base64 {
         if let Some(decoded) = base64_decode(&value) {
             value = String::from_utf8_lossy(&decoded).into_owned();
         }
     }
     let is_html = match ty.as_str() {
-        "html" | "text/html" | "xhtml" | "application/xhtml+xml" => true,
-        "text" | "text/plain" => !is_atom && looks_like_html(&value),
-        "" => !is_atom && looks_like_html(&value),
+        "html" | "text/html" => true,
+        "text" | "text/plain" | "" => !is_atom && looks_like_html(&value),
         _ => false,
     };
     (value, is_html)
@@ -1350,19 +1441,169 @@ fn collapse_ws(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Resolves a (possibly relative) URL against a base. An absolute URL is kept as written.
+/// Resolves a (possibly relative) reference against a base the way feed readers do (RFC 3986
+/// resolution as Python's `urljoin` performs it): no re-encoding or normalisation beyond
+/// dot segments, a lowercase scheme, and empty `?`/`#` dropped. A reference with a scheme
+/// other than the base's is kept as written.
 fn resolve_url(base: &str, href: &str) -> String {
-    let href = href.trim();
-    if has_scheme(href) {
-        return href.to_string();
+    let href: String = href
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\r' | '\n'))
+        .collect();
+    let href = collapse_scheme_slashes(&href);
+    let base = base.trim();
+    if base.is_empty() {
+        return href;
     }
-    match Url::parse(base) {
-        Ok(base) => base
-            .join(href)
-            .map(|u| u.to_string())
-            .unwrap_or_else(|_| href.to_string()),
-        Err(_) => href.to_string(),
+    if href.is_empty() {
+        return base.to_string();
     }
+    let b = split_url(base);
+    let r = split_url(&href);
+    let scheme = r.scheme.clone().unwrap_or_else(|| b.scheme.clone().unwrap_or_default());
+    if Some(&scheme) != b.scheme.as_ref() && !(r.scheme.is_none() && b.scheme.is_none()) {
+        return href;
+    }
+    const USES_RELATIVE: [&str; 18] = [
+        "", "ftp", "http", "gopher", "nntp", "imap", "wais", "file", "https", "shttp", "mms",
+        "prospero", "rtsp", "rtspu", "sftp", "svn", "svn+ssh", "ws",
+    ];
+    if !USES_RELATIVE.contains(&scheme.as_str()) && scheme != "wss" {
+        return href;
+    }
+    if r.netloc.is_some() {
+        return unsplit_url(&scheme, r.netloc.as_deref(), &r.path, &r.query, &r.fragment);
+    }
+    let netloc = b.netloc.as_deref();
+    if r.path.is_empty() {
+        let query = if r.query.is_empty() { &b.query } else { &r.query };
+        return unsplit_url(&scheme, netloc, &b.path, query, &r.fragment);
+    }
+    let mut base_parts: Vec<&str> = b.path.split('/').collect();
+    if base_parts.last().is_some_and(|p| !p.is_empty()) {
+        base_parts.pop();
+    }
+    let segments: Vec<&str> = if r.path.starts_with('/') {
+        r.path.split('/').collect()
+    } else {
+        let mut all: Vec<&str> = base_parts;
+        all.extend(r.path.split('/'));
+        // Empty segments in the middle are dropped (as urljoin does).
+        let n = all.len();
+        all.into_iter()
+            .enumerate()
+            .filter(|(i, seg)| *i == 0 || *i == n - 1 || !seg.is_empty())
+            .map(|(_, seg)| seg)
+            .collect()
+    };
+    let mut resolved: Vec<&str> = Vec::new();
+    for seg in &segments {
+        match *seg {
+            ".." => {
+                resolved.pop();
+            }
+            "." => {}
+            other => resolved.push(other),
+        }
+    }
+    if segments.last().is_some_and(|s| *s == "." || *s == "..") {
+        resolved.push("");
+    }
+    let mut path = resolved.join("/");
+    if path.is_empty() {
+        path = "/".into();
+    }
+    unsplit_url(&scheme, netloc, &path, &r.query, &r.fragment)
+}
+
+/// `http:////host` → `http://host` (a common feed typo).
+fn collapse_scheme_slashes(href: &str) -> String {
+    if let Some(i) = href.find("://") {
+        if has_scheme(&href[..=i]) {
+            let rest = href[i + 3..].trim_start_matches('/');
+            return format!("{}{rest}", &href[..i + 3]);
+        }
+    }
+    href.to_string()
+}
+
+struct UrlParts {
+    scheme: Option<String>,
+    netloc: Option<String>,
+    path: String,
+    query: String,
+    fragment: String,
+}
+
+fn split_url(url: &str) -> UrlParts {
+    let (scheme, mut rest) = match url.find(':') {
+        Some(i) if has_scheme(&url[..=i]) => (Some(url[..i].to_ascii_lowercase()), &url[i + 1..]),
+        _ => (None, url),
+    };
+    let mut fragment = String::new();
+    if let Some(i) = rest.find('#') {
+        fragment = rest[i + 1..].to_string();
+        rest = &rest[..i];
+    }
+    let mut query = String::new();
+    if let Some(i) = rest.find('?') {
+        query = rest[i + 1..].to_string();
+        rest = &rest[..i];
+    }
+    let mut netloc = None;
+    if let Some(after) = rest.strip_prefix("//") {
+        let end = after.find('/').unwrap_or(after.len());
+        netloc = Some(after[..end].to_string());
+        rest = &after[end..];
+    }
+    UrlParts {
+        scheme,
+        netloc,
+        path: rest.to_string(),
+        query,
+        fragment,
+    }
+}
+
+fn unsplit_url(scheme: &str, netloc: Option<&str>, path: &str, query: &str, fragment: &str) -> String {
+    let mut url = String::new();
+    if !scheme.is_empty() {
+        url.push_str(scheme);
+        url.push(':');
+    }
+    if let Some(netloc) = netloc.filter(|n| !n.is_empty()) {
+        url.push_str("//");
+        url.push_str(netloc);
+        if !path.is_empty() && !path.starts_with('/') {
+            url.push('/');
+        }
+    }
+    url.push_str(path);
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(query);
+    }
+    if !fragment.is_empty() {
+        url.push('#');
+        url.push_str(fragment);
+    }
+    url
+}
+
+/// A resolved entry link, or None when its scheme is not one a reader should follow
+/// (`javascript:`, `data:`, or an id scheme such as `urn:`/`tag:` used as a guid).
+fn safe_link(base: &str, href: &str) -> Option<String> {
+    let url = resolve_url(base, href);
+    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase())?;
+    const ACCEPTABLE: [&str; 44] = [
+        "file", "ftp", "gopher", "h323", "hdl", "http", "https", "imap", "magnet", "mailto",
+        "mms", "news", "nntp", "prospero", "rsync", "rtsp", "rtspu", "sftp", "shttp", "sip",
+        "sips", "snews", "svn", "svn+ssh", "telnet", "wais", "aim", "callto", "cvs", "facetime",
+        "feed", "git", "gtalk", "irc", "ircs", "irc6", "itms", "msnim", "skype", "ssh", "smb",
+        "ymsg", "ws", "wss",
+    ];
+    (has_scheme(&format!("{scheme}:")) && ACCEPTABLE.contains(&scheme.as_str())).then_some(url)
 }
 
 fn has_scheme(s: &str) -> bool {
@@ -1420,7 +1661,12 @@ fn html_to_text(html: &str) -> String {
             rest = rest.find("-->").map_or("", |e| &rest[e + 3..]);
             continue;
         }
-        let end = tag_end(rest).unwrap_or(rest.len());
+        let Some(end) = tag_end(rest) else {
+            // An unterminated '<' is text.
+            out.push('<');
+            rest = &rest[1..];
+            continue;
+        };
         let tag = rest[1..end].trim_start_matches('/').to_ascii_lowercase();
         rest = &rest[end..];
         for skip in ["script", "style"] {
@@ -1482,7 +1728,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// Parses the date formats found in feeds to unix seconds (UTC): W3C-DTF / RFC 3339 / ISO 8601
 /// (with the partial forms `YYYY`, `YYYY-MM`, `YYYY-MM-DD`), RFC 822/2822 with the usual
 /// deviations, and asctime. Out-of-range fields roll over, as feed readers do.
-pub fn parse_date(text: &str) -> Option<i64> {
+fn parse_date(text: &str) -> Option<i64> {
     let s = text.trim();
     if s.is_empty() {
         return None;

@@ -20,7 +20,6 @@ use crate::hub::types::{ChannelName, Data, EventName, MessageId, NewMessage};
 use crate::hub::Hub;
 use crate::jobs::spec::{FeedSource, FeedSpec};
 
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_BODY: usize = 10 * 1024 * 1024;
 pub const MAX_REDIRECTS: usize = 5;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -67,6 +66,8 @@ pub struct FeedsContext {
     pub state: Arc<dyn StateStore>,
     pub dedupe_window: Duration,
     pub polls_total: Family<LabelSet, Counter>,
+    /// The most one fetch (connect, headers, body) may take.
+    pub fetch_timeout: Duration,
 }
 
 /// The registry of polled feeds; each feed's loop owns its own polling.
@@ -95,8 +96,8 @@ impl Feeds {
     ) -> Result<Feeds, EngineError> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .timeout(FETCH_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
+            .timeout(ctx.fetch_timeout)
+            .connect_timeout(ctx.fetch_timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION"), " (feed poller)"))
             .build()
             .map_err(|e| EngineError::Internal(format!("cannot build the HTTP client: {e}")))?;
@@ -294,7 +295,12 @@ pub fn parse_max_age(value: &str) -> Option<Duration> {
     })
 }
 
-async fn fetch(client: &reqwest::Client, url: &str, state: &FeedState) -> Result<Fetched, PollError> {
+async fn fetch(
+    client: &reqwest::Client,
+    url: &str,
+    state: &FeedState,
+    timeout: Duration,
+) -> Result<Fetched, PollError> {
     let mut req = client.get(url).header(
         reqwest::header::ACCEPT,
         "application/rss+xml, application/atom+xml, application/feed+json, application/json, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.8",
@@ -309,7 +315,7 @@ async fn fetch(client: &reqwest::Client, url: &str, state: &FeedState) -> Result
         let message = if e.is_redirect() {
             format!("too many redirects (more than {MAX_REDIRECTS})")
         } else if e.is_timeout() {
-            format!("no answer within {}s", FETCH_TIMEOUT.as_secs())
+            format!("no answer within {}", humantime::format_duration(timeout))
         } else {
             format!("fetch failed: {}", error_chain(&e))
         };
@@ -342,7 +348,7 @@ async fn fetch(client: &reqwest::Client, url: &str, state: &FeedState) -> Result
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| PollError {
             message: if e.is_timeout() {
-                format!("the body did not arrive within {}s", FETCH_TIMEOUT.as_secs())
+                format!("the body did not arrive within {}", humantime::format_duration(timeout))
             } else {
                 format!("reading the body failed: {e}")
             },
@@ -376,7 +382,7 @@ async fn poll_once(
     state: &Mutex<FeedState>,
 ) -> Result<(Duration, u16, u64), PollError> {
     let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let fetched = fetch(client, &spec.url, &snapshot).await?;
+    let fetched = fetch(client, &spec.url, &snapshot, ctx.fetch_timeout).await?;
     let (status, body, content_type, etag, last_modified, max_age) = match fetched {
         Fetched::NotModified { status } => return Ok((spec.every, status, 0)),
         Fetched::Body {
