@@ -15,12 +15,12 @@ use crate::engine::sqlite_state::SqliteState;
 use crate::engine::state::StateStore;
 use crate::engine::{Engine, EngineError};
 use crate::feeds::poller::{Feeds, FeedsContext};
-use crate::jobs::supervisor::{Jobs, JobsContext};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimiter;
 use crate::http::{AppInner, AppState};
 use crate::hub::live::Live;
 use crate::hub::Hub;
+use crate::jobs::supervisor::{Jobs, JobsContext};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +164,9 @@ pub async fn run(
         .map(|j| j.kill_grace)
         .max()
         .unwrap_or_default();
-    let deadline = config.shutdown_grace.max(longest_grace + Duration::from_secs(5));
+    let deadline = config
+        .shutdown_grace
+        .max(longest_grace + Duration::from_secs(5));
     tasks.close();
     let feed_tasks = feeds.tasks();
     feed_tasks.close();

@@ -237,8 +237,17 @@ async fn run() -> anyhow::Result<()> {
                 return Ok(());
             }
             let channel = run["channel"].as_str().unwrap_or_default().to_owned();
-            eprintln!("tidings: run {} of {job} started", run["id"].as_str().unwrap_or("?"));
-            let code = cli::follow_run(&client, &channel, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+            eprintln!(
+                "tidings: run {} of {job} started",
+                run["id"].as_str().unwrap_or("?")
+            );
+            let code = cli::follow_run(
+                &client,
+                &channel,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
+            .await?;
             std::process::exit(code);
         }
         Command::Feeds { command } => {
@@ -258,7 +267,9 @@ async fn run() -> anyhow::Result<()> {
                     }
                     cli::call(&client, reqwest::Method::POST, "/api/feeds", Some(body)).await?
                 }
-                FeedsCommand::List => cli::call(&client, reqwest::Method::GET, "/api/feeds", None).await?,
+                FeedsCommand::List => {
+                    cli::call(&client, reqwest::Method::GET, "/api/feeds", None).await?
+                }
                 FeedsCommand::Rm { name } => {
                     let path = format!("/api/feeds/{}", cli::encode_segment(&name));
                     cli::call(&client, reqwest::Method::DELETE, &path, None).await?

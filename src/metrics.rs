@@ -85,7 +85,11 @@ impl Default for Metrics {
             store_commit.clone(),
         );
         let job_runs = Family::<LabelSet, Counter>::default();
-        registry.register("job_runs", "Finished job runs by job and status", job_runs.clone());
+        registry.register(
+            "job_runs",
+            "Finished job runs by job and status",
+            job_runs.clone(),
+        );
         let job_skipped_ticks = Family::<LabelSet, Counter>::default();
         registry.register(
             "job_skipped_ticks",
@@ -93,7 +97,11 @@ impl Default for Metrics {
             job_skipped_ticks.clone(),
         );
         let feed_polls = Family::<LabelSet, Counter>::default();
-        registry.register("feed_polls", "Feed polls by feed and result", feed_polls.clone());
+        registry.register(
+            "feed_polls",
+            "Feed polls by feed and result",
+            feed_polls.clone(),
+        );
         Self {
             registry,
             connections,

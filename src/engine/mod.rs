@@ -71,12 +71,14 @@ pub trait Engine: Send + Sync + 'static {
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Published>, EngineError>;
 
-    /// Messages with seq > `after`, at most `limit`, none accepted before `not_before_ms`.
+    /// Messages with seq > `after`, none accepted before `not_before_ms`: at most `limit` of
+    /// them, and past the first, at most `max_bytes` of message JSON in all.
     async fn read(
         &self,
         channel: &ChannelName,
         after: Seq,
         limit: usize,
+        max_bytes: usize,
         not_before_ms: i64,
     ) -> Result<Page, EngineError>;
 

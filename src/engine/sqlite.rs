@@ -173,11 +173,18 @@ impl Engine for SqliteEngine {
         channel: &ChannelName,
         after: Seq,
         limit: usize,
+        max_bytes: usize,
         not_before_ms: i64,
     ) -> Result<Page, EngineError> {
         let channel = channel.clone();
         let salt = self.salt.clone();
-        self.with_reader(move |conn| read_page(conn, &salt, &channel, after, limit, not_before_ms))
+        let bounds = ReadBounds {
+            after,
+            limit,
+            max_bytes,
+            not_before_ms,
+        };
+        self.with_reader(move |conn| read_page(conn, &salt, &channel, bounds))
             .await
     }
 
@@ -375,14 +382,27 @@ fn channel_meta(
     })
 }
 
+/// Which messages a read returns: seq > `after`, none accepted before `not_before_ms`, at most
+/// `limit`, and past the first, at most `max_bytes` of JSON.
+struct ReadBounds {
+    after: Seq,
+    limit: usize,
+    max_bytes: usize,
+    not_before_ms: i64,
+}
+
 fn read_page(
     conn: &mut Connection,
     salt: &[u8; 32],
     channel: &ChannelName,
-    after: Seq,
-    limit: usize,
-    not_before_ms: i64,
+    bounds: ReadBounds,
 ) -> Result<Page, EngineError> {
+    let ReadBounds {
+        after,
+        limit,
+        max_bytes,
+        not_before_ms,
+    } = bounds;
     // One read transaction, so the metadata and the rows are of the same snapshot.
     let tx = conn.transaction()?;
     let (epoch, last_seq) = match stored_channel(&tx, channel)? {
@@ -400,21 +420,27 @@ fn read_page(
         let after_i = i64::try_from(after).unwrap_or(i64::MAX);
         let fetch = limit.max(1) as i64;
         let mut rows = stmt.query(params![channel.as_str(), after_i, not_before_ms, fetch])?;
+        let mut bytes = 0usize;
         while let Some(row) = rows.next()? {
             let seq = row.get::<_, i64>(0)?.max(0) as Seq;
             if messages.is_empty() && first_seq > seq {
                 first_seq = seq;
             }
-            if messages.len() < limit {
-                let json: Vec<u8> = row.get(3)?;
-                messages.push(Arc::new(Message::new(
-                    channel.clone(),
-                    seq,
-                    row.get(1)?,
-                    row.get(2)?,
-                    Bytes::from(json),
-                )));
+            if messages.len() >= limit {
+                break;
             }
+            let json: Vec<u8> = row.get(3)?;
+            bytes = bytes.saturating_add(json.len());
+            if !messages.is_empty() && bytes > max_bytes {
+                break;
+            }
+            messages.push(Arc::new(Message::new(
+                channel.clone(),
+                seq,
+                row.get(1)?,
+                row.get(2)?,
+                Bytes::from(json),
+            )));
         }
     }
     tx.finish()?;

@@ -98,7 +98,11 @@ impl Feeds {
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .timeout(ctx.fetch_timeout)
             .connect_timeout(ctx.fetch_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION"), " (feed poller)"))
+            .user_agent(concat!(
+                "Tidings/",
+                env!("CARGO_PKG_VERSION"),
+                " (feed poller)"
+            ))
             .build()
             .map_err(|e| EngineError::Internal(format!("cannot build the HTTP client: {e}")))?;
         let feeds = Feeds {
@@ -112,7 +116,9 @@ impl Feeds {
         for (name, json) in feeds.ctx.state.docs(SPEC_KIND).await? {
             match serde_json::from_str::<FeedSpec>(&json) {
                 Ok(spec) if !specs.iter().any(|s| s.name == spec.name) => specs.push(spec),
-                Ok(_) => tracing::warn!(%name, "a feed added through the API now has the name of a configured feed; the configured one wins"),
+                Ok(_) => {
+                    tracing::warn!(%name, "a feed added through the API now has the name of a configured feed; the configured one wins")
+                }
                 Err(error) => tracing::warn!(%name, %error, "ignoring an unreadable stored feed"),
             }
         }
@@ -131,9 +137,10 @@ impl Feeds {
     }
 
     async fn launch(&self, spec: FeedSpec) -> Result<(), EngineError> {
-        let mut initial: FeedState = state_store::get_typed(&*self.ctx.state, STATE_KIND, &spec.name)
-            .await?
-            .unwrap_or_default();
+        let mut initial: FeedState =
+            state_store::get_typed(&*self.ctx.state, STATE_KIND, &spec.name)
+                .await?
+                .unwrap_or_default();
         if initial.status.is_empty() {
             initial.status = "pending".into();
         }
@@ -174,7 +181,13 @@ impl Feeds {
         // entries, so nothing already published is published again.
         self.ctx.state.delete_doc(STATE_KIND, &spec.name).await?;
         self.launch(spec.clone()).await?;
-        Ok(feed_json(&spec, &FeedState { status: "pending".into(), ..Default::default() }))
+        Ok(feed_json(
+            &spec,
+            &FeedState {
+                status: "pending".into(),
+                ..Default::default()
+            },
+        ))
     }
 
     pub async fn remove(&self, name: &str) -> Result<serde_json::Value, FeedsError> {
@@ -193,7 +206,11 @@ impl Feeds {
         };
         removed.cancel.cancel();
         self.ctx.state.delete_doc(SPEC_KIND, name).await?;
-        let state = removed.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state = removed
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Ok(feed_json(&removed.spec, &state))
     }
 }
@@ -217,7 +234,9 @@ pub fn feed_json(spec: &FeedSpec, state: &FeedState) -> serde_json::Value {
 
 /// What one fetch produced.
 enum Fetched {
-    NotModified { status: u16 },
+    NotModified {
+        status: u16,
+    },
     Body {
         status: u16,
         body: Vec<u8>,
@@ -261,7 +280,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn header(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -329,7 +351,8 @@ async fn fetch(
         return Err(PollError {
             message: format!("the feed answered HTTP {status}"),
             http_status: Some(status),
-            retry_after: header(&resp, reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v)),
+            retry_after: header(&resp, reqwest::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(&v)),
         });
     }
     let content_type = header(&resp, reqwest::header::CONTENT_TYPE);
@@ -348,7 +371,10 @@ async fn fetch(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| PollError {
             message: if e.is_timeout() {
-                format!("the body did not arrive within {}", humantime::format_duration(timeout))
+                format!(
+                    "the body did not arrive within {}",
+                    humantime::format_duration(timeout)
+                )
             } else {
                 format!("reading the body failed: {e}")
             },
@@ -397,7 +423,9 @@ async fn poll_once(
     let url = spec.url.clone();
     let parsed = tokio::time::timeout(
         PARSE_TIMEOUT,
-        tokio::task::spawn_blocking(move || parse::parse_feed(&body, content_type.as_deref(), &url)),
+        tokio::task::spawn_blocking(move || {
+            parse::parse_feed(&body, content_type.as_deref(), &url)
+        }),
     )
     .await
     .map_err(|_| PollError::new("parsing took too long"))?
@@ -426,14 +454,21 @@ async fn poll_once(
 
 /// Publishes the entries not seen before (oldest first, one atomic batch) and refreshes the
 /// memory of every entry still in the feed. Returns how many were newly published.
-async fn publish_new(ctx: &FeedsContext, spec: &FeedSpec, mut entries: Vec<FeedEntry>) -> Result<u64, EngineError> {
+async fn publish_new(
+    ctx: &FeedsContext,
+    spec: &FeedSpec,
+    mut entries: Vec<FeedEntry>,
+) -> Result<u64, EngineError> {
     let mut keys_in_doc = HashSet::new();
     entries.retain(|e| keys_in_doc.insert(e.key.clone()));
     let now = crate::clock::now_ms();
     let window_ms = i64::try_from(ctx.dedupe_window.as_millis()).unwrap_or(i64::MAX);
     let set = seen_set(&spec.name);
     let keys: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
-    let unseen = ctx.state.unseen(&set, keys.clone(), now.saturating_sub(window_ms)).await?;
+    let unseen = ctx
+        .state
+        .unseen(&set, keys.clone(), now.saturating_sub(window_ms))
+        .await?;
     let mut fresh: Vec<FeedEntry> = entries
         .into_iter()
         .zip(unseen)
@@ -477,7 +512,9 @@ async fn poll_loop(
         let s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.next_poll
             .as_deref()
-            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
             .map(|t| {
                 let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64 - crate::clock::now_ms();
                 Duration::from_millis(ms.max(0) as u64).min(MAX_BACKOFF)
@@ -516,7 +553,9 @@ async fn poll_loop(
                     s.consecutive_errors = s.consecutive_errors.saturating_add(1);
                     let factor = 2u32.saturating_pow(s.consecutive_errors.min(20));
                     let backoff = spec.every.saturating_mul(factor).min(MAX_BACKOFF);
-                    wait = backoff.max(e.retry_after.unwrap_or_default()).min(MAX_BACKOFF.max(e.retry_after.unwrap_or_default()));
+                    wait = backoff
+                        .max(e.retry_after.unwrap_or_default())
+                        .min(MAX_BACKOFF.max(e.retry_after.unwrap_or_default()));
                 }
             }
             s.next_poll = Some(crate::clock::rfc3339_ms(
@@ -524,7 +563,9 @@ async fn poll_loop(
             ));
             s.clone()
         };
-        if let Err(error) = state_store::put_typed(&*ctx.state, STATE_KIND, &spec.name, &snapshot).await {
+        if let Err(error) =
+            state_store::put_typed(&*ctx.state, STATE_KIND, &spec.name, &snapshot).await
+        {
             tracing::warn!(feed = %spec.name, %error, "could not save feed state");
         }
     }
@@ -537,9 +578,15 @@ mod tests {
     #[test]
     fn retry_after_and_cache_headers() {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
-        assert_eq!(parse_max_age("public, max-age=300"), Some(Duration::from_secs(300)));
+        assert_eq!(
+            parse_max_age("public, max-age=300"),
+            Some(Duration::from_secs(300))
+        );
         assert_eq!(parse_max_age("no-cache"), None);
     }
 }

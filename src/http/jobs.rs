@@ -112,11 +112,9 @@ pub async fn runs_of_job(
     let mut limit = 50usize;
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         if k == "limit" {
-            let n: usize = v
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| ApiError::BadRequest(format!("limit={v:?} must be a whole number ≥ 1")))?;
+            let n: usize = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ApiError::BadRequest(format!("limit={v:?} must be a whole number ≥ 1"))
+            })?;
             limit = n.min(1000);
         }
     }

@@ -31,7 +31,8 @@ use crate::metrics::transport;
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const PING_EVERY: Duration = Duration::from_secs(25);
 pub const DEAD_AFTER: Duration = Duration::from_secs(60);
-/// Outbound queue length, in batches (of at most `hub::MAX_BATCH` messages).
+/// Outbound queue length, in batches (of at most `hub::MAX_BATCH` messages and, past the first,
+/// `hub::MAX_BATCH_BYTES` bytes), so a stalled client costs at most ~8 MiB of queue.
 const OUTBOUND_QUEUE: usize = 16;
 /// Publishes a connection may have queued before it must wait for acks.
 const PUBLISHES_IN_FLIGHT: usize = 256;

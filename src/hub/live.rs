@@ -82,8 +82,9 @@ impl LiveChannel {
         }
     }
 
-    /// Up to `max` messages after `cursor` in `epoch`.
-    pub fn look(&self, epoch: &Epoch, cursor: Seq, max: usize) -> Look {
+    /// Up to `max` messages after `cursor` in `epoch`, and past the first, at most `max_bytes`
+    /// of message JSON.
+    pub fn look(&self, epoch: &Epoch, cursor: Seq, max: usize, max_bytes: usize) -> Look {
         let w = self.lock();
         match &w.epoch {
             Some(e) if e != epoch => return Look::Reset(e.clone()),
@@ -99,7 +100,19 @@ impl LiveChannel {
             return Look::Behind;
         }
         let start = (cursor + 1 - front.seq) as usize;
-        Look::Messages(w.messages.range(start..).take(max).cloned().collect())
+        let mut bytes = 0usize;
+        let batch = w
+            .messages
+            .range(start..)
+            .take(max)
+            .enumerate()
+            .take_while(|(i, m)| {
+                bytes = bytes.saturating_add(m.json.len());
+                *i == 0 || bytes <= max_bytes
+            })
+            .map(|(_, m)| m.clone())
+            .collect();
+        Look::Messages(batch)
     }
 
     /// Serves a read from memory when the window covers `after + 1` onwards.
@@ -288,24 +301,47 @@ mod tests {
         live.committed(&ch, &e1, &batch);
         let c = sub.channel();
         assert_eq!(
-            seqs(c.look(&e1, 0, 5)),
+            seqs(c.look(&e1, 0, 5, usize::MAX)),
             vec![u64::MAX],
             "seq 1 fell out of the window"
         );
         let last = WINDOW_CAP as u64 + 10;
-        assert_eq!(seqs(c.look(&e1, last - 2, 5)), vec![last - 1, last]);
-        assert_eq!(seqs(c.look(&e1, last, 5)), Vec::<Seq>::new());
+        assert_eq!(
+            seqs(c.look(&e1, last - 2, 5, usize::MAX)),
+            vec![last - 1, last]
+        );
+        assert_eq!(seqs(c.look(&e1, last, 5, usize::MAX)), Vec::<Seq>::new());
         // A duplicate commit is ignored; a gap clears the window.
         live.committed(&ch, &e1, &[msg(&ch, last)]);
-        assert_eq!(seqs(c.look(&e1, last - 1, 5)), vec![last]);
+        assert_eq!(seqs(c.look(&e1, last - 1, 5, usize::MAX)), vec![last]);
         live.committed(&ch, &e1, &[msg(&ch, last + 5)]);
-        assert_eq!(seqs(c.look(&e1, last, 5)), vec![u64::MAX]);
+        assert_eq!(seqs(c.look(&e1, last, 5, usize::MAX)), vec![u64::MAX]);
         let e2 = Epoch::random();
         live.reset(&ch, &e2);
-        assert_eq!(seqs(c.look(&e1, last, 5)), vec![u64::MAX - 1]);
+        assert_eq!(seqs(c.look(&e1, last, 5, usize::MAX)), vec![u64::MAX - 1]);
         assert_eq!(live.subscriber_count(&ch), 1);
         drop(sub);
         assert_eq!(live.subscriber_count(&ch), 0);
         assert_eq!(live.evict_idle(-1), 1);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes_but_never_empty() {
+        let live = Live::new(Arc::new(RetentionRules::default()));
+        let ch = ChannelName::parse("c").unwrap();
+        let e1 = Epoch::random();
+        let sub = live.subscribe(&ch);
+        let batch: Vec<_> = (1..=10).map(|s| msg(&ch, s)).collect();
+        live.committed(&ch, &e1, &batch);
+        let c = sub.channel();
+        // Each message's JSON is 2 bytes.
+        assert_eq!(seqs(c.look(&e1, 0, 100, 5)), vec![1, 2]);
+        assert_eq!(seqs(c.look(&e1, 2, 100, 6)), vec![3, 4, 5]);
+        assert_eq!(
+            seqs(c.look(&e1, 0, 100, 0)),
+            vec![1],
+            "one message even over the budget"
+        );
+        assert_eq!(seqs(c.look(&e1, 0, 2, usize::MAX)), vec![1, 2]);
     }
 }

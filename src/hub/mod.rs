@@ -22,6 +22,10 @@ use types::{ChannelName, Epoch, NewMessage, Seq, SharedMessage};
 
 /// How many messages one subscriber step hands over at most (one write to the socket).
 pub const MAX_BATCH: usize = 256;
+/// How many bytes of messages one subscriber step hands over at most (past its first message),
+/// so that what a connection may queue for a stalled client is bounded in memory, not only in
+/// batches: 256 messages of 64 KiB would be 16 MiB a batch.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 pub type HubError = EngineError;
 
@@ -137,12 +141,18 @@ impl Hub {
                 });
             }
         }
-        let page = self.engine.read(channel, since, limit, not_before).await?;
+        let page = self
+            .engine
+            .read(channel, since, limit, usize::MAX, not_before)
+            .await?;
         if let Some(c) = self.live.get(channel) {
             c.learn_epoch(&page.epoch);
         }
         if client_epoch.is_some_and(|e| *e != page.epoch) {
-            let page = self.engine.read(channel, 0, limit, not_before).await?;
+            let page = self
+                .engine
+                .read(channel, 0, limit, usize::MAX, not_before)
+                .await?;
             return Ok(ReadResult {
                 epoch: page.epoch,
                 messages: page.messages,
@@ -218,7 +228,10 @@ impl Hub {
         let mut wake = guard.channel().watch();
         wake.borrow_and_update();
         let not_before = self.not_before_ms(channel);
-        let page = self.engine.read(channel, 0, 0, not_before).await?;
+        let page = self
+            .engine
+            .read(channel, 0, 0, usize::MAX, not_before)
+            .await?;
         guard.channel().learn_epoch(&page.epoch);
         let (cursor, truncated) = match start {
             Start::Live => (page.last_seq, false),
@@ -290,10 +303,10 @@ impl Subscription {
     pub async fn next(&mut self) -> Result<Event, HubError> {
         loop {
             self.wake.borrow_and_update();
-            let look = self
-                .guard
-                .channel()
-                .look(&self.epoch, self.cursor, MAX_BATCH);
+            let look =
+                self.guard
+                    .channel()
+                    .look(&self.epoch, self.cursor, MAX_BATCH, MAX_BATCH_BYTES);
             match look {
                 Look::Messages(messages) => {
                     if let Some(last) = messages.last() {
@@ -337,7 +350,13 @@ impl Subscription {
         let page = self
             .hub
             .engine
-            .read(&self.channel, self.cursor, MAX_BATCH, not_before)
+            .read(
+                &self.channel,
+                self.cursor,
+                MAX_BATCH,
+                MAX_BATCH_BYTES,
+                not_before,
+            )
             .await?;
         if page.epoch != self.epoch {
             self.epoch = page.epoch.clone();

@@ -23,7 +23,8 @@ const LINES_PER_PUBLISH: usize = 2048;
 /// A token that may publish to the run's channel and the job's `publish` patterns, and read
 /// the run's channel; signed with the hub's own key.
 pub fn run_token(key: &[u8], spec: &JobSpec, run: &Run) -> Option<String> {
-    let lifetime = spec.timeout.unwrap_or(Duration::from_secs(7 * 24 * 3600)) + Duration::from_secs(3600);
+    let lifetime =
+        spec.timeout.unwrap_or(Duration::from_secs(7 * 24 * 3600)) + Duration::from_secs(3600);
     let exp = crate::clock::now_ms() / 1000 + lifetime.as_secs() as i64;
     let mut publish = vec![run.channel.clone()];
     publish.extend(spec.publish.iter().map(|p| p.as_str().to_owned()));
@@ -45,12 +46,20 @@ fn environment(ctx: &JobsContext, spec: &JobSpec, run: &Run) -> Vec<(String, Str
         env.push(("TIDINGS_TOKEN".into(), token));
     }
     for (name, value) in &run.params {
-        env.push((format!("TIDINGS_PARAM_{}", name.to_ascii_uppercase()), value.clone()));
+        env.push((
+            format!("TIDINGS_PARAM_{}", name.to_ascii_uppercase()),
+            value.clone(),
+        ));
     }
     env
 }
 
-pub async fn execute(ctx: Arc<JobsContext>, spec: Arc<JobSpec>, mut run: Run, cancel: CancellationToken) -> Run {
+pub async fn execute(
+    ctx: Arc<JobsContext>,
+    spec: Arc<JobSpec>,
+    mut run: Run,
+    cancel: CancellationToken,
+) -> Run {
     let spawn = Spawn {
         argv: spec.command.clone(),
         dir: spec.dir.clone(),
@@ -60,7 +69,11 @@ pub async fn execute(ctx: Arc<JobsContext>, spec: Arc<JobSpec>, mut run: Run, ca
     };
     let (lines_tx, lines_rx) = mpsc::channel(8);
     let forwarder = match ChannelName::parse(&run.channel) {
-        Ok(channel) => Some(tokio::spawn(forward_lines(ctx.hub.clone(), channel, lines_rx))),
+        Ok(channel) => Some(tokio::spawn(forward_lines(
+            ctx.hub.clone(),
+            channel,
+            lines_rx,
+        ))),
         Err(_) => None,
     };
     let ending = process::run(spawn, lines_tx, cancel).await;
@@ -107,12 +120,16 @@ pub async fn publish_exit(hub: &Hub, run: &Run) {
     let Ok(channel) = ChannelName::parse(&run.channel) else {
         return;
     };
-    let data = json!({"status": run.status.as_str(), "exit_code": run.exit_code, "signal": run.signal});
+    let data =
+        json!({"status": run.status.as_str(), "exit_code": run.exit_code, "signal": run.signal});
     let Ok(data) = Data::from_value(&data) else {
         return;
     };
     let message = NewMessage {
-        id: Some(crate::hub::types::MessageId::parse("exit").unwrap_or_else(|_| crate::hub::types::MessageId::generate())),
+        id: Some(
+            crate::hub::types::MessageId::parse("exit")
+                .unwrap_or_else(|_| crate::hub::types::MessageId::generate()),
+        ),
         event: EventName::parse("exit").unwrap_or_default(),
         data,
     };
@@ -123,7 +140,11 @@ pub async fn publish_exit(hub: &Hub, run: &Run) {
 
 /// Publishes output batches in order; returns the first store error, if any (output after
 /// it is still drained so the child never blocks).
-async fn forward_lines(hub: Arc<Hub>, channel: ChannelName, mut rx: mpsc::Receiver<Vec<Line>>) -> Option<String> {
+async fn forward_lines(
+    hub: Arc<Hub>,
+    channel: ChannelName,
+    mut rx: mpsc::Receiver<Vec<Line>>,
+) -> Option<String> {
     let event = EventName::parse("line").unwrap_or_default();
     let mut failure = None;
     while let Some(batch) = rx.recv().await {
@@ -162,10 +183,36 @@ mod tests {
         let cases = [
             (Ending::Exited(0), RunStatus::Succeeded, Some(0), None),
             (Ending::Exited(3), RunStatus::Failed, Some(3), None),
-            (Ending::Signaled("SIGSEGV".into()), RunStatus::Failed, None, Some("SIGSEGV")),
-            (Ending::TimedOut { exit_code: None, signal: Some("SIGKILL".into()) }, RunStatus::TimedOut, None, Some("SIGKILL")),
-            (Ending::Cancelled { exit_code: Some(143), signal: None }, RunStatus::Cancelled, Some(143), None),
-            (Ending::FailedToStart("nope".into()), RunStatus::Failed, None, None),
+            (
+                Ending::Signaled("SIGSEGV".into()),
+                RunStatus::Failed,
+                None,
+                Some("SIGSEGV"),
+            ),
+            (
+                Ending::TimedOut {
+                    exit_code: None,
+                    signal: Some("SIGKILL".into()),
+                },
+                RunStatus::TimedOut,
+                None,
+                Some("SIGKILL"),
+            ),
+            (
+                Ending::Cancelled {
+                    exit_code: Some(143),
+                    signal: None,
+                },
+                RunStatus::Cancelled,
+                Some(143),
+                None,
+            ),
+            (
+                Ending::FailedToStart("nope".into()),
+                RunStatus::Failed,
+                None,
+                None,
+            ),
         ];
         for (ending, status, code, signal) in cases {
             apply_ending(&mut run, &ending);

@@ -72,7 +72,12 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(job: &str, trigger: Trigger, attempt: u32, params: BTreeMap<String, String>) -> Self {
+    pub fn new(
+        job: &str,
+        trigger: Trigger,
+        attempt: u32,
+        params: BTreeMap<String, String>,
+    ) -> Self {
         let id = ulid::Ulid::new().to_string();
         Self {
             channel: format!("jobs:{job}:{id}"),
@@ -121,8 +126,19 @@ mod tests {
         let run = Run::new("build", Trigger::Api, 1, BTreeMap::new());
         let v = serde_json::to_value(&run).unwrap();
         for field in [
-            "id", "job", "status", "trigger", "attempt", "params", "channel", "created", "started",
-            "finished", "exit_code", "signal", "error",
+            "id",
+            "job",
+            "status",
+            "trigger",
+            "attempt",
+            "params",
+            "channel",
+            "created",
+            "started",
+            "finished",
+            "exit_code",
+            "signal",
+            "error",
         ] {
             assert!(v.get(field).is_some(), "{field}");
         }
@@ -131,6 +147,9 @@ mod tests {
         assert!(run.channel.starts_with("jobs:build:"));
         let stored = run.to_stored().unwrap();
         assert_eq!(Run::from_stored(&stored).unwrap(), run);
-        assert_eq!(serde_json::to_value(RunStatus::TimedOut).unwrap(), "timed_out");
+        assert_eq!(
+            serde_json::to_value(RunStatus::TimedOut).unwrap(),
+            "timed_out"
+        );
     }
 }

@@ -55,7 +55,10 @@ impl Schedule {
     }
 
     /// The next tick strictly after `after` (None for manual jobs or an exhausted cron).
-    pub fn next_after(&self, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    pub fn next_after(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         match self {
             Schedule::Manual => None,
             Schedule::Every(d) => chrono::Duration::from_std(*d).ok().map(|d| after + d),
@@ -174,7 +177,12 @@ pub fn parse_cron(key: &str, expression: &str, timezone: &str) -> Result<Schedul
         .year(croner::parser::Year::Disallowed)
         .build()
         .parse(expression)
-        .map_err(|e| invalid(key.to_owned(), format!("{expression:?} is not a valid cron expression: {e}")))?;
+        .map_err(|e| {
+            invalid(
+                key.to_owned(),
+                format!("{expression:?} is not a valid cron expression: {e}"),
+            )
+        })?;
     let timezone = chrono_tz::Tz::from_str(timezone).map_err(|_| {
         invalid(
             key.replace("cron", "timezone"),
@@ -191,10 +199,19 @@ pub fn parse_cron(key: &str, expression: &str, timezone: &str) -> Result<Schedul
 fn resolve_job(i: usize, raw: RawJob, base_dir: &Path) -> Result<JobSpec, ConfigError> {
     let key = |field: &str| format!("jobs[{i}].{field}");
     if !valid_name(&raw.name) {
-        return Err(invalid(key("name"), format!("{:?} must be 1-64 characters of A-Z a-z 0-9 _ . @ -", raw.name)));
+        return Err(invalid(
+            key("name"),
+            format!(
+                "{:?} must be 1-64 characters of A-Z a-z 0-9 _ . @ -",
+                raw.name
+            ),
+        ));
     }
     if raw.command.is_empty() || raw.command[0].is_empty() {
-        return Err(invalid(key("command"), "must name a program, e.g. [\"./build.sh\"]"));
+        return Err(invalid(
+            key("command"),
+            "must name a program, e.g. [\"./build.sh\"]",
+        ));
     }
     let schedule = match (&raw.cron, &raw.every) {
         (Some(_), Some(_)) => return Err(invalid(key("cron"), "give cron or every, not both")),
@@ -225,17 +242,26 @@ fn resolve_job(i: usize, raw: RawJob, base_dir: &Path) -> Result<JobSpec, Config
     }
     for p in &raw.params {
         if !valid_param_name(p) {
-            return Err(invalid(key("params"), format!("{p:?} must be letters, digits and _")));
+            return Err(invalid(
+                key("params"),
+                format!("{p:?} must be letters, digits and _"),
+            ));
         }
     }
     if let Some(k) = &raw.concurrency_key {
         if !raw.params.contains(k) {
-            return Err(invalid(key("concurrency_key"), format!("{k:?} is not one of this job's params")));
+            return Err(invalid(
+                key("concurrency_key"),
+                format!("{k:?} is not one of this job's params"),
+            ));
         }
     }
     for name in raw.env.keys() {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
-            return Err(invalid(key("env"), format!("{name:?} is not a valid variable name")));
+            return Err(invalid(
+                key("env"),
+                format!("{name:?} is not a valid variable name"),
+            ));
         }
     }
     let publish = raw
@@ -275,7 +301,10 @@ pub fn feed_spec(
     source: FeedSource,
 ) -> Result<FeedSpec, ConfigError> {
     if !valid_name(name) {
-        return Err(invalid(format!("{key}name"), format!("{name:?} must be 1-64 characters of A-Z a-z 0-9 _ . @ -")));
+        return Err(invalid(
+            format!("{key}name"),
+            format!("{name:?} must be 1-64 characters of A-Z a-z 0-9 _ . @ -"),
+        ));
     }
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| invalid(format!("{key}url"), format!("{url:?} is not a URL: {e}")))?;
@@ -341,27 +370,50 @@ pub fn resolve(
 ) -> Result<(Vec<JobSpec>, Vec<FeedSpec>), ConfigError> {
     let mut jobs = Vec::new();
     if let Some(value) = sections.get("jobs") {
-        let raws: Vec<serde_json::Value> = serde_json::from_value(value.clone())
-            .map_err(|e| invalid("jobs".into(), format!("must be a list of [[jobs]] tables: {e}")))?;
+        let raws: Vec<serde_json::Value> = serde_json::from_value(value.clone()).map_err(|e| {
+            invalid(
+                "jobs".into(),
+                format!("must be a list of [[jobs]] tables: {e}"),
+            )
+        })?;
         for (i, raw) in raws.into_iter().enumerate() {
-            let raw: RawJob = serde_json::from_value(raw).map_err(|e| invalid(format!("jobs[{i}]"), e.to_string()))?;
+            let raw: RawJob = serde_json::from_value(raw)
+                .map_err(|e| invalid(format!("jobs[{i}]"), e.to_string()))?;
             let job = resolve_job(i, raw, base_dir)?;
             if jobs.iter().any(|j: &JobSpec| j.name == job.name) {
-                return Err(invalid(format!("jobs[{i}].name"), format!("{:?} is used twice", job.name)));
+                return Err(invalid(
+                    format!("jobs[{i}].name"),
+                    format!("{:?} is used twice", job.name),
+                ));
             }
             jobs.push(job);
         }
     }
     let mut feeds: Vec<FeedSpec> = Vec::new();
     if let Some(value) = sections.get("feeds") {
-        let raws: Vec<serde_json::Value> = serde_json::from_value(value.clone())
-            .map_err(|e| invalid("feeds".into(), format!("must be a list of [[feeds]] tables: {e}")))?;
+        let raws: Vec<serde_json::Value> = serde_json::from_value(value.clone()).map_err(|e| {
+            invalid(
+                "feeds".into(),
+                format!("must be a list of [[feeds]] tables: {e}"),
+            )
+        })?;
         for (i, raw) in raws.into_iter().enumerate() {
-            let raw: RawFeed = serde_json::from_value(raw).map_err(|e| invalid(format!("feeds[{i}]"), e.to_string()))?;
+            let raw: RawFeed = serde_json::from_value(raw)
+                .map_err(|e| invalid(format!("feeds[{i}]"), e.to_string()))?;
             let key = format!("feeds[{i}].");
-            let feed = feed_spec(&key, &raw.name, &raw.url, raw.every.as_deref(), raw.channel.as_deref(), FeedSource::Config)?;
+            let feed = feed_spec(
+                &key,
+                &raw.name,
+                &raw.url,
+                raw.every.as_deref(),
+                raw.channel.as_deref(),
+                FeedSource::Config,
+            )?;
             if feeds.iter().any(|f| f.name == feed.name) {
-                return Err(invalid(format!("{key}name"), format!("{:?} is used twice", feed.name)));
+                return Err(invalid(
+                    format!("{key}name"),
+                    format!("{:?} is used twice", feed.name),
+                ));
             }
             feeds.push(feed);
         }
@@ -375,7 +427,11 @@ mod tests {
 
     fn sections(toml_text: &str) -> serde_json::Map<String, serde_json::Value> {
         let v: toml::Value = toml::from_str(toml_text).unwrap();
-        serde_json::to_value(v).unwrap().as_object().unwrap().clone()
+        serde_json::to_value(v)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .clone()
     }
 
     #[test]
@@ -429,23 +485,44 @@ mod tests {
             ("[[feeds]]\nname = \"f\"\nurl = \"http://x\"\nevery = \"500ms\"", "feeds[0].every"),
         ];
         for (text, key) in cases {
-            let err = resolve(&sections(text), Path::new(".")).unwrap_err().to_string();
+            let err = resolve(&sections(text), Path::new("."))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
     }
 
     #[test]
     fn cron_with_and_without_seconds_and_time_zones() {
-        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
         let five = parse_cron("k", "*/5 * * * *", "UTC").unwrap();
-        assert_eq!(five.next_after(at("2026-11-22T10:01:30Z")), Some(at("2026-11-22T10:05:00Z")));
+        assert_eq!(
+            five.next_after(at("2026-11-22T10:01:30Z")),
+            Some(at("2026-11-22T10:05:00Z"))
+        );
         let secs = parse_cron("k", "*/10 * * * * *", "UTC").unwrap();
-        assert_eq!(secs.next_after(at("2026-11-22T10:00:01Z")), Some(at("2026-11-22T10:00:10Z")));
+        assert_eq!(
+            secs.next_after(at("2026-11-22T10:00:01Z")),
+            Some(at("2026-11-22T10:00:10Z"))
+        );
         // 09:00 in Paris is 08:00 UTC in winter.
         let paris = parse_cron("k", "0 9 * * *", "Europe/Paris").unwrap();
-        assert_eq!(paris.next_after(at("2026-11-22T00:00:00Z")), Some(at("2026-11-22T08:00:00Z")));
+        assert_eq!(
+            paris.next_after(at("2026-11-22T00:00:00Z")),
+            Some(at("2026-11-22T08:00:00Z"))
+        );
         let every = Schedule::Every(Duration::from_secs(30));
-        assert_eq!(every.next_after(at("2026-11-22T10:00:00Z")), Some(at("2026-11-22T10:00:30Z")));
-        assert_eq!(Schedule::Manual.next_after(at("2026-11-22T10:00:00Z")), None);
+        assert_eq!(
+            every.next_after(at("2026-11-22T10:00:00Z")),
+            Some(at("2026-11-22T10:00:30Z"))
+        );
+        assert_eq!(
+            Schedule::Manual.next_after(at("2026-11-22T10:00:00Z")),
+            None
+        );
     }
 }

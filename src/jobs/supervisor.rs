@@ -47,7 +47,11 @@ pub enum StartError {
     #[error("{0}")]
     BadParams(String),
     #[error("job {job:?} is busy (concurrency {limit})")]
-    Busy { job: String, limit: usize, run: Box<Run> },
+    Busy {
+        job: String,
+        limit: usize,
+        run: Box<Run>,
+    },
     #[error(transparent)]
     Store(#[from] EngineError),
     #[error("the jobs supervisor has stopped")]
@@ -472,7 +476,8 @@ impl Supervisor {
     }
 
     fn maybe_retry(&self, spec: &JobSpec, run: &Run) {
-        if !run.status.is_retryable() || run.attempt > spec.retries || self.shutdown.is_cancelled() {
+        if !run.status.is_retryable() || run.attempt > spec.retries || self.shutdown.is_cancelled()
+        {
             return;
         }
         let delay = backoff(run.attempt);
@@ -562,7 +567,12 @@ impl Supervisor {
         &self,
     ) -> Result<Vec<(String, BTreeMap<String, String>, Trigger, u32)>, EngineError> {
         let mut retry = Vec::new();
-        for stored in self.ctx.state.runs_with_status(&["running", "queued"]).await? {
+        for stored in self
+            .ctx
+            .state
+            .runs_with_status(&["running", "queued"])
+            .await?
+        {
             let mut run = Run::from_stored(&stored)?;
             run.status = RunStatus::Interrupted;
             run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
@@ -573,7 +583,12 @@ impl Supervisor {
             tracing::warn!(job = %run.job, run = %run.id, "run interrupted by a restart");
             if let Some(spec) = self.specs.get(&run.job) {
                 if run.attempt <= spec.retries {
-                    retry.push((run.job.clone(), run.params.clone(), run.trigger, run.attempt + 1));
+                    retry.push((
+                        run.job.clone(),
+                        run.params.clone(),
+                        run.trigger,
+                        run.attempt + 1,
+                    ));
                 }
             }
         }
@@ -598,7 +613,9 @@ impl Supervisor {
                 Some(Event::Finished { run }) => {
                     self.running.remove(&run.id);
                 }
-                Some(Event::Start { reply: Some(reply), .. }) => {
+                Some(Event::Start {
+                    reply: Some(reply), ..
+                }) => {
                     let _ = reply.send(Err(StartError::Stopped));
                 }
                 Some(Event::Cancel { reply, .. }) => {
@@ -650,7 +667,9 @@ async fn schedule_ticks(
         let Some(next) = spec.schedule.next_after(from) else {
             return;
         };
-        let wait = (next - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let wait = (next - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -671,7 +690,10 @@ mod tests {
     fn backoff_doubles_with_jitter_and_caps() {
         for (attempt, base) in [(1u32, 5.0), (2, 10.0), (3, 20.0), (10, 600.0), (40, 600.0)] {
             let d = backoff(attempt).as_secs_f64();
-            assert!(d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9, "{attempt}: {d}");
+            assert!(
+                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
+                "{attempt}: {d}"
+            );
         }
     }
 }

@@ -894,13 +894,16 @@ async fn subscribing_past_the_end_reports_truncation() {
         server.publish("api:past", json!({ "data": n })).await;
     }
     let mut ws = server.ws().await;
-    ws.send(json!({"op": "subscribe", "channel": "api:past", "since": 50})).await;
+    ws.send(json!({"op": "subscribe", "channel": "api:past", "since": 50}))
+        .await;
     let subscribed = ws.recv_op("subscribed").await;
     assert_eq!(subscribed["truncated"], true, "{subscribed}");
     let first = ws.recv_op("message").await;
     assert_eq!(first["seq"], 1);
 
-    let mut sse = server.sse("/api/channels/api:past/events", Some("50")).await;
+    let mut sse = server
+        .sse("/api/channels/api:past/events", Some("50"))
+        .await;
     loop {
         let event = sse.next().await.expect("stream open");
         if event.event.as_deref() == Some("reset") {
@@ -908,7 +911,10 @@ async fn subscribing_past_the_end_reports_truncation() {
             assert_eq!(info["first_seq"], 1);
             break;
         }
-        assert!(event.event.is_some(), "a message arrived before the reset: {event:?}");
+        assert!(
+            event.event.is_some(),
+            "a message arrived before the reset: {event:?}"
+        );
     }
     let message = sse.next_message().await;
     assert_eq!(message["seq"], 1);

@@ -3,7 +3,10 @@
 //! Helpers shared by the `guarantees_*` modules live here, plus the retention-by-age test. The
 //! other guarantees are in `guarantees_handoff` (backlog→live hand-off under load),
 //! `guarantees_durability` (`kill -9`), `guarantees_truncation` (retention by count, stale epochs,
-//! DELETE under live subscribers) and `guarantees_slow` (slow WebSocket and SSE consumers).
+//! DELETE under live subscribers, a lagging reader whose backlog is pruned) and `guarantees_slow`
+//! (stalled WebSocket and SSE consumers, memory bounds).
+//!
+//! Randomised tests print their seed; `TEST_SEED=… cargo test --test it guarantees` replays one.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -101,7 +101,7 @@ enum Transport {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum From {
+enum Start {
     /// No `since`: live only.
     Live,
     /// `since` = this fraction of the acknowledged progress at join time.
@@ -135,7 +135,7 @@ struct Plan {
     label: String,
     transport: Transport,
     threshold: u64,
-    from: From,
+    from: Start,
     total: u64,
     epoch: String,
     variant: usize,
@@ -162,8 +162,8 @@ async fn subscriber(
         .expect("publisher progress in time")
         .expect("publisher alive");
     let since = match from {
-        From::Live => None,
-        From::Fraction(f) => Some((joined_at as f64 * f) as u64),
+        Start::Live => None,
+        Start::Fraction(f) => Some((joined_at as f64 * f) as u64),
     };
     let label = format!("{label} (joined at {joined_at}, since {since:?})");
     let mut seqs = Vec::new();
@@ -282,9 +282,9 @@ async fn subscribers_joining_during_publishing_get_contiguous_runs() {
     for (i, transport) in transports.into_iter().enumerate() {
         let threshold = (TOTAL - TAIL) * 85 / 100 * i as u64 / n as u64;
         let from = if rng.gen_bool(0.25) {
-            From::Live
+            Start::Live
         } else {
-            From::Fraction(rng.gen_range(0.0..=1.0))
+            Start::Fraction(rng.gen_range(0.0..=1.0))
         };
         let plan = Plan {
             label: format!("{transport:?} subscriber {i}"),
@@ -357,16 +357,16 @@ async fn many_subscriptions_on_one_websocket_each_get_contiguous_runs() {
         // Each connection subscribes to every channel, in a random order, at rising progress.
         let mut order = channels.clone();
         order.shuffle(&mut rng);
-        let plan: Vec<(u64, String, From)> = order
+        let plan: Vec<(u64, String, Start)> = order
             .into_iter()
             .enumerate()
             .map(|(k, ch)| {
                 let threshold = (PER_CHANNEL - TAIL) * 85 / 100 * (c * 4 + k) as u64
                     / total_subscriptions as u64;
                 let from = if rng.gen_bool(0.25) {
-                    From::Live
+                    Start::Live
                 } else {
-                    From::Fraction(rng.gen_range(0.0..=1.0))
+                    Start::Fraction(rng.gen_range(0.0..=1.0))
                 };
                 (threshold, ch, from)
             })
@@ -385,8 +385,8 @@ async fn many_subscriptions_on_one_websocket_each_get_contiguous_runs() {
                         plan.pop_front();
                         let mut sub = json!({"op": "subscribe", "channel": ch});
                         let since = match from {
-                            From::Live => None,
-                            From::Fraction(f) => Some((now as f64 * f) as u64),
+                            Start::Live => None,
+                            Start::Fraction(f) => Some((now as f64 * f) as u64),
                         };
                         if let Some(n) = since {
                             sub["since"] = json!(n);

@@ -333,3 +333,79 @@ async fn live_subscribers_are_told_when_their_channel_is_deleted() {
         "{v}"
     );
 }
+
+/// A subscriber that lags while the history it still needs is pruned is told, mid-stream: the
+/// SSE reader below stops reading (a small socket buffer, so the server feels it) with
+/// `max_messages = 5`; 300 messages of 30 KiB later and a pruning pass, it resumes and must get
+/// what was already on its way, then `event: reset` naming the oldest retained seq, then the
+/// retained messages — never a silent jump.
+#[tokio::test]
+async fn lagging_sse_reader_is_told_when_its_backlog_is_pruned() {
+    const TOTAL: u64 = 300;
+    let server = TestServer::start_with(ServerOptions {
+        config: Some("[[retention]]\npattern = \"lag:*\"\nmax_messages = 5\n".into()),
+        ..Default::default()
+    })
+    .await;
+    let ch = "lag:x";
+    let epoch = server.channel_info(ch).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let mut slow =
+        crate::guarantees::SlowSse::open(&server, &format!("/api/channels/{ch}/events?since=0"))
+            .await;
+    server.wait_subscribers(ch, 1).await;
+    let pad = "x".repeat(30 * 1024);
+    for first in (1..=TOTAL).step_by(20) {
+        let batch: Vec<Value> = (first..first + 20)
+            .map(|n| json!({"data": {"n": n, "pad": pad}}))
+            .collect();
+        let (status, answer) = server
+            .post(&format!("/api/channels/{ch}/messages"), Value::Array(batch))
+            .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    crate::support::wait_for("pruning down to 5 messages", || async {
+        let info = server.channel_info(ch).await;
+        (info["messages"].as_u64()? <= 5).then_some(())
+    })
+    .await;
+
+    let mut before = Vec::new();
+    let reset_at = loop {
+        let e = slow.next().await.expect("stream open");
+        if e.event.as_deref() == Some("reset") {
+            let data: Value = serde_json::from_str(&e.data).expect("reset JSON");
+            assert_eq!(data["epoch"], epoch.as_str(), "{data}");
+            break data["first_seq"].as_u64().expect("first_seq");
+        }
+        assert_eq!(e.event, None, "{e:?}");
+        let (_, seq) = sse_id(&e);
+        let expected = before.last().map_or(1, |s| s + 1);
+        assert_eq!(
+            seq,
+            expected,
+            "lagging SSE: seq {seq} follows {} with no reset: messages lost silently",
+            expected - 1
+        );
+        assert!(
+            seq < TOTAL,
+            "got to the end without a reset: the reader never lagged"
+        );
+        before.push(seq);
+    };
+    let last_before = before.last().copied().unwrap_or(0);
+    assert_eq!(reset_at, TOTAL - 4, "the oldest retained seq");
+    assert!(reset_at > last_before + 1, "a reset without a gap");
+    let mut after = Vec::new();
+    while after.last().copied().unwrap_or(0) < TOTAL {
+        let e = slow.next().await.expect("stream open");
+        assert_eq!(e.event, None, "{e:?}");
+        let v: Value = serde_json::from_str(&e.data).expect("message JSON");
+        assert_eq!(v["data"]["n"], seq_of(&v));
+        after.push(seq_of(&v));
+    }
+    assert_contiguous(&after, reset_at, TOTAL, "lagging SSE after the reset");
+    eprintln!("lagging SSE: got 1..={last_before}, then reset to {reset_at}, then ..={TOTAL}");
+}
