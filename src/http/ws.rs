@@ -5,7 +5,7 @@
 //! batches cannot be queued for `SLOW_CONSUMER_AFTER` marks the connection slow: it is closed
 //! with 4008 so the client resumes from its last seq. Publishers never wait for any of this.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -48,7 +48,12 @@ const TOO_BIG_LINGER: Duration = Duration::from_secs(2);
 
 enum Outbound {
     Text(Utf8Bytes),
-    Messages(Vec<SharedMessage>),
+    /// A frame of subscription `.0` (its `subscribed` or an error); dropped if that
+    /// subscription was replaced or ended while the frame waited in the queue.
+    SubText(u64, Utf8Bytes),
+    /// Messages of subscription `.0`; dropped likewise, so a re-subscribe never sees stale
+    /// frames of the subscription it replaced (which would repeat seqs).
+    Messages(u64, Vec<SharedMessage>),
     Close(u16, &'static str),
 }
 
@@ -120,7 +125,10 @@ struct Connection {
     app: AppState,
     who: Principal,
     out: mpsc::Sender<Outbound>,
-    subscriptions: HashMap<ChannelName, JoinHandle<()>>,
+    subscriptions: HashMap<ChannelName, (u64, JoinHandle<()>)>,
+    /// Ids of the subscriptions whose queued frames may still be written.
+    active: HashSet<u64>,
+    next_subscription: u64,
     publisher: Option<mpsc::Sender<(ChannelName, PublishItem, Option<Value>)>>,
     /// Direct answers to the frame just handled; the connection loop writes them itself, so
     /// handling a frame never waits on the outbound queue the same loop drains.
@@ -143,6 +151,8 @@ async fn serve_connection(
         who,
         out: out_tx,
         subscriptions: HashMap::new(),
+        active: HashSet::new(),
+        next_subscription: 1,
         publisher: None,
         replies: Vec::new(),
         ip,
@@ -156,7 +166,7 @@ async fn serve_connection(
             _ = app.shutdown.cancelled() => break Some((CLOSE_SERVER_RESTART, "server restart")),
             item = out_rx.recv() => {
                 let Some(item) = item else { break None };
-                match write_outbound(&mut sink, item, &mut out_rx, &app, &label).await {
+                match write_outbound(&mut sink, item, &mut out_rx, &app, &label, &conn.active).await {
                     WriteOutcome::Ok => {}
                     WriteOutcome::Close(code, reason) => break Some((code, reason)),
                     WriteOutcome::Gone => break None,
@@ -194,7 +204,7 @@ async fn serve_connection(
             }
         }
     };
-    for (_, task) in conn.subscriptions.drain() {
+    for (_, (_, task)) in conn.subscriptions.drain() {
         task.abort();
     }
     if let Some((code, reason)) = close {
@@ -237,6 +247,7 @@ async fn write_outbound(
     rx: &mut mpsc::Receiver<Outbound>,
     app: &AppState,
     label: &crate::metrics::TransportLabel,
+    active: &HashSet<u64>,
 ) -> WriteOutcome {
     let write = async {
         let mut item = Some(first);
@@ -245,7 +256,13 @@ async fn write_outbound(
             match current {
                 Outbound::Close(code, reason) => return Ok(Some((code, reason))),
                 Outbound::Text(text) => sink.feed(WsMessage::Text(text)).await?,
-                Outbound::Messages(messages) => {
+                Outbound::SubText(sub, text) => {
+                    if active.contains(&sub) {
+                        sink.feed(WsMessage::Text(text)).await?
+                    }
+                }
+                Outbound::Messages(sub, _) if !active.contains(&sub) => {}
+                Outbound::Messages(_, messages) => {
                     for m in &messages {
                         match Utf8Bytes::try_from(m.ws_frame()) {
                             Ok(text) => sink.feed(WsMessage::Text(text)).await?,
@@ -297,6 +314,12 @@ async fn write_replies(
 impl Connection {
     fn reply(&mut self, text: Utf8Bytes) {
         self.replies.push(text);
+    }
+
+    /// Drops subscriptions whose task ended (store failure); their last frames still go out.
+    fn forget_finished(&mut self) {
+        self.subscriptions
+            .retain(|_, (_, task)| !task.is_finished());
     }
 
     async fn handle_text(&mut self, text: &str) {
@@ -368,9 +391,10 @@ impl Connection {
             .map(Epoch::parse)
             .transpose()
             .map_err(|e| (ApiError::BadRequest(e.0), named()))?;
-        self.subscriptions.retain(|_, task| !task.is_finished());
-        if let Some(old) = self.subscriptions.remove(&channel) {
+        self.forget_finished();
+        if let Some((old_id, old)) = self.subscriptions.remove(&channel) {
             old.abort();
+            self.active.remove(&old_id);
         } else if self.subscriptions.len() >= self.app.max_subscriptions {
             let msg = format!(
                 "this connection already holds {} subscriptions, the limit",
@@ -388,20 +412,25 @@ impl Connection {
             Some(n) => Start::Since(n, epoch),
             None => Start::Live,
         };
+        let id = self.next_subscription;
+        self.next_subscription += 1;
         let task = tokio::spawn(run_subscription(
             self.app.clone(),
+            id,
             channel.clone(),
             start,
             self.out.clone(),
         ));
-        self.subscriptions.insert(channel, task);
+        self.active.insert(id);
+        self.subscriptions.insert(channel, (id, task));
         Ok(())
     }
 
     async fn unsubscribe(&mut self, frame: ClientFrame) -> Result<(), (ApiError, Option<String>)> {
         let channel = Self::channel_of(&frame)?;
-        if let Some(task) = self.subscriptions.remove(&channel) {
+        if let Some((id, task)) = self.subscriptions.remove(&channel) {
             task.abort();
+            self.active.remove(&id);
         }
         let reply = json!({"op": "unsubscribed", "channel": channel}).to_string();
         self.reply(Utf8Bytes::from(reply));
@@ -497,6 +526,7 @@ fn subscribed_frame(
 
 async fn run_subscription(
     app: AppState,
+    id: u64,
     channel: ChannelName,
     start: Start,
     out: mpsc::Sender<Outbound>,
@@ -505,7 +535,7 @@ async fn run_subscription(
         Ok(s) => s,
         Err(e) => {
             let frame = api_error_frame(&ApiError::from(e), None, Some(channel.as_str()));
-            let _ = out.send(Outbound::Text(frame)).await;
+            let _ = out.send(Outbound::SubText(id, frame)).await;
             return;
         }
     };
@@ -515,14 +545,14 @@ async fn run_subscription(
         subscribed.last_seq,
         subscribed.truncated,
     );
-    if out.send(Outbound::Text(frame)).await.is_err() {
+    if out.send(Outbound::SubText(id, frame)).await.is_err() {
         return;
     }
     loop {
-        let item = match next_outbound(&mut sub, &channel).await {
+        let item = match next_outbound(id, &mut sub, &channel).await {
             Ok(item) => item,
             Err(frame) => {
-                let _ = out.send(Outbound::Text(frame)).await;
+                let _ = out.send(Outbound::SubText(id, frame)).await;
                 return;
             }
         };
@@ -544,17 +574,16 @@ async fn run_subscription(
 }
 
 async fn next_outbound(
+    id: u64,
     sub: &mut Subscription,
     channel: &ChannelName,
 ) -> Result<Outbound, Utf8Bytes> {
     match sub.next().await {
-        Ok(Event::Messages(messages)) => Ok(Outbound::Messages(messages)),
-        Ok(Event::Reset { epoch, first_seq }) => Ok(Outbound::Text(subscribed_frame(
-            channel,
-            &epoch,
-            first_seq.saturating_sub(1),
-            true,
-        ))),
+        Ok(Event::Messages(messages)) => Ok(Outbound::Messages(id, messages)),
+        Ok(Event::Reset { epoch, first_seq }) => Ok(Outbound::SubText(
+            id,
+            subscribed_frame(channel, &epoch, first_seq.saturating_sub(1), true),
+        )),
         Err(e) => Err(api_error_frame(
             &ApiError::from(e),
             None,
