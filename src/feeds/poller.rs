@@ -41,6 +41,12 @@ pub struct FeedState {
     pub etag: Option<String>,
     #[serde(default)]
     pub last_modified: Option<String>,
+    /// The keys of the entries of the last document read. They count as still in the feed
+    /// until a document without them arrives, however long the feed answers 304 or fails, so
+    /// `dedupe_window` runs from when an entry leaves the feed (SPEC §4), not from when it was
+    /// last parsed.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,21 +179,60 @@ impl Feeds {
     }
 
     pub async fn add(&self, spec: FeedSpec) -> Result<serde_json::Value, FeedsError> {
-        if self.registry().contains_key(&spec.name) {
-            return Err(FeedsError::Taken(spec.name));
+        let fresh = FeedState {
+            status: "pending".into(),
+            ..Default::default()
+        };
+        let state = Arc::new(Mutex::new(fresh.clone()));
+        let cancel = self.shutdown.child_token();
+        // Claim the name before the first await, so two adds of one name at the same moment
+        // cannot both succeed and leave a poller behind that nothing can remove.
+        {
+            let mut registry = self.registry();
+            if registry.contains_key(&spec.name) {
+                return Err(FeedsError::Taken(spec.name));
+            }
+            registry.insert(
+                spec.name.clone(),
+                Registered {
+                    spec: spec.clone(),
+                    state: state.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
         }
-        state_store::put_typed(&*self.ctx.state, SPEC_KIND, &spec.name, &spec).await?;
+        if let Err(e) = self.persist_new(&spec).await {
+            let mut registry = self.registry();
+            if registry
+                .get(&spec.name)
+                .is_some_and(|r| Arc::ptr_eq(&r.state, &state))
+            {
+                registry.remove(&spec.name);
+            }
+            return Err(e.into());
+        }
+        if cancel.is_cancelled() {
+            // Removed while it was being stored: make sure it does not come back at restart.
+            self.ctx.state.delete_doc(SPEC_KIND, &spec.name).await?;
+            self.ctx.state.delete_doc(STATE_KIND, &spec.name).await?;
+            return Ok(feed_json(&spec, &fresh));
+        }
+        self.tasks.spawn(poll_loop(
+            self.ctx.clone(),
+            self.client.clone(),
+            spec.clone(),
+            state,
+            cancel,
+        ));
+        Ok(feed_json(&spec, &fresh))
+    }
+
+    async fn persist_new(&self, spec: &FeedSpec) -> Result<(), EngineError> {
+        state_store::put_typed(&*self.ctx.state, SPEC_KIND, &spec.name, spec).await?;
         // A feed added again under an old name starts with fresh state but keeps its memory of
         // entries, so nothing already published is published again.
         self.ctx.state.delete_doc(STATE_KIND, &spec.name).await?;
-        self.launch(spec.clone()).await?;
-        Ok(feed_json(
-            &spec,
-            &FeedState {
-                status: "pending".into(),
-                ..Default::default()
-            },
-        ))
+        Ok(())
     }
 
     pub async fn remove(&self, name: &str) -> Result<serde_json::Value, FeedsError> {
@@ -239,6 +284,8 @@ enum Fetched {
     },
     Body {
         status: u16,
+        /// Where the body came from after redirects: relative links resolve against it.
+        url: String,
         body: Vec<u8>,
         content_type: Option<String>,
         etag: Option<String>,
@@ -355,6 +402,7 @@ async fn fetch(
                 .and_then(|v| parse_retry_after(&v)),
         });
     }
+    let final_url = resp.url().to_string();
     let content_type = header(&resp, reqwest::header::CONTENT_TYPE);
     let etag = header(&resp, reqwest::header::ETAG);
     let last_modified = header(&resp, reqwest::header::LAST_MODIFIED);
@@ -392,6 +440,7 @@ async fn fetch(
     }
     Ok(Fetched::Body {
         status,
+        url: final_url,
         body,
         content_type,
         etag,
@@ -409,18 +458,26 @@ async fn poll_once(
 ) -> Result<(Duration, u16, u64), PollError> {
     let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let fetched = fetch(client, &spec.url, &snapshot, ctx.fetch_timeout).await?;
-    let (status, body, content_type, etag, last_modified, max_age) = match fetched {
+    let (status, url, body, content_type, etag, last_modified, max_age) = match fetched {
         Fetched::NotModified { status } => return Ok((spec.every, status, 0)),
         Fetched::Body {
             status,
+            url,
             body,
             content_type,
             etag,
             last_modified,
             max_age,
-        } => (status, body, content_type, etag, last_modified, max_age),
+        } => (
+            status,
+            url,
+            body,
+            content_type,
+            etag,
+            last_modified,
+            max_age,
+        ),
     };
-    let url = spec.url.clone();
     let parsed = tokio::time::timeout(
         PARSE_TIMEOUT,
         tokio::task::spawn_blocking(move || {
@@ -435,13 +492,14 @@ async fn poll_once(
         http_status: Some(status),
         retry_after: None,
     })?;
-    let published = publish_new(ctx, spec, parsed.entries)
+    let (published, keys) = publish_new(ctx, spec, parsed.entries, &snapshot.keys)
         .await
         .map_err(|e| PollError::new(format!("could not store entries: {e}")))?;
     {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.etag = etag;
         s.last_modified = last_modified;
+        s.keys = keys;
     }
     let wait = [Some(spec.every), parsed.ttl, max_age]
         .into_iter()
@@ -453,12 +511,15 @@ async fn poll_once(
 }
 
 /// Publishes the entries not seen before (oldest first, one atomic batch) and refreshes the
-/// memory of every entry still in the feed. Returns how many were newly published.
+/// memory of every entry still in the feed and of those that were in the `previous` document
+/// (their time in the dedupe window starts now, as they leave). Returns how many were newly
+/// published and the keys of this document.
 async fn publish_new(
     ctx: &FeedsContext,
     spec: &FeedSpec,
     mut entries: Vec<FeedEntry>,
-) -> Result<u64, EngineError> {
+    previous: &[String],
+) -> Result<(u64, Vec<String>), EngineError> {
     let mut keys_in_doc = HashSet::new();
     entries.retain(|e| keys_in_doc.insert(e.key.clone()));
     let now = crate::clock::now_ms();
@@ -469,10 +530,11 @@ async fn publish_new(
         .state
         .unseen(&set, keys.clone(), now.saturating_sub(window_ms))
         .await?;
+    let in_previous: HashSet<&str> = previous.iter().map(String::as_str).collect();
     let mut fresh: Vec<FeedEntry> = entries
         .into_iter()
         .zip(unseen)
-        .filter_map(|(e, new)| new.then_some(e))
+        .filter_map(|(e, new)| (new && !in_previous.contains(e.key.as_str())).then_some(e))
         .collect();
     parse::order_oldest_first(&mut fresh);
     let mut published = 0;
@@ -482,7 +544,7 @@ async fn publish_new(
         let messages: Vec<NewMessage> = fresh
             .iter()
             .filter_map(|entry| {
-                let data = Data::from_value(&parse::entry_data(entry, &spec.name)).ok()?;
+                let data = message_data(entry, &spec.name)?;
                 Some(NewMessage {
                     id: MessageId::parse(&entry.key).ok(),
                     event: event.clone(),
@@ -490,13 +552,86 @@ async fn publish_new(
                 })
             })
             .collect();
-        let results = ctx.hub.publish(&channel, messages).await?;
-        published = results.iter().filter(|r| !r.duplicate).count() as u64;
+        if !messages.is_empty() {
+            let results = ctx.hub.publish(&channel, messages).await?;
+            published = results.iter().filter(|r| !r.duplicate).count() as u64;
+        }
     }
+    let mut remember = keys.clone();
+    remember.extend(
+        previous
+            .iter()
+            .filter(|k| !keys_in_doc.contains(k.as_str()))
+            .cloned(),
+    );
     ctx.state
-        .mark_seen(&set, keys, now, now.saturating_sub(window_ms))
+        .mark_seen(&set, remember, now, now.saturating_sub(window_ms))
         .await?;
-    Ok(published)
+    Ok((published, keys))
+}
+
+/// The `data` of an entry's message, within the hub's size limit: a summary too long for one
+/// message (a long post's full text) is cut on a character boundary and ends with "…", then
+/// the title if need be, then the categories are dropped — the entry is published either way.
+fn message_data(entry: &FeedEntry, feed: &str) -> Option<Data> {
+    if let Ok(data) = Data::from_value(&parse::entry_data(entry, feed)) {
+        return Some(data);
+    }
+    let mut cut = entry.clone();
+    let fields: [fn(&mut FeedEntry) -> &mut Option<String>; 2] =
+        [|e| &mut e.summary, |e| &mut e.title];
+    for field in fields {
+        if let Some(data) = shorten_to_fit(&mut cut, feed, field) {
+            return Some(data);
+        }
+    }
+    cut.categories.clear();
+    match Data::from_value(&parse::entry_data(&cut, feed)) {
+        Ok(data) => Some(data),
+        Err(error) => {
+            tracing::warn!(%feed, key = %entry.key, %error, "an entry is too large to publish even when shortened");
+            None
+        }
+    }
+}
+
+/// Cuts one text field of `entry` to the longest prefix with which the data fits, found by
+/// bisection over its character boundaries; None (and the field emptied) when even an empty
+/// prefix does not fit.
+fn shorten_to_fit(
+    entry: &mut FeedEntry,
+    feed: &str,
+    field: fn(&mut FeedEntry) -> &mut Option<String>,
+) -> Option<Data> {
+    let text = field(entry).take()?;
+    let cuts: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain([text.len()])
+        .collect();
+    let (mut lo, mut hi) = (0usize, cuts.len());
+    let mut best = None;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        *field(entry) = Some(format!("{}…", &text[..cuts[mid]]));
+        match Data::from_value(&parse::entry_data(entry, feed)) {
+            Ok(data) => {
+                best = Some((mid, data));
+                lo = mid + 1;
+            }
+            Err(_) => hi = mid,
+        }
+    }
+    match best {
+        Some((mid, data)) => {
+            *field(entry) = Some(format!("{}…", &text[..cuts[mid]]));
+            Some(data)
+        }
+        None => {
+            *field(entry) = None;
+            None
+        }
+    }
 }
 
 async fn poll_loop(
@@ -507,9 +642,15 @@ async fn poll_loop(
     cancel: CancellationToken,
 ) {
     let label = |result: &str| vec![("feed", spec.name.clone()), ("result", result.to_owned())];
-    // Resume the schedule a restart interrupted; a feed never polled goes at once.
+    // Resume the schedule a restart interrupted; a feed never polled goes at once. A healthy
+    // feed waits at most its (possibly newly lowered) interval; a failing one keeps its backoff.
     let mut wait = {
         let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let cap = if s.consecutive_errors == 0 {
+            spec.every
+        } else {
+            MAX_BACKOFF
+        };
         s.next_poll
             .as_deref()
             .and_then(|t| {
@@ -517,7 +658,7 @@ async fn poll_loop(
             })
             .map(|t| {
                 let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64 - crate::clock::now_ms();
-                Duration::from_millis(ms.max(0) as u64).min(MAX_BACKOFF)
+                Duration::from_millis(ms.max(0) as u64).min(cap)
             })
             .unwrap_or(Duration::ZERO)
     };
@@ -588,5 +729,42 @@ mod tests {
             Some(Duration::from_secs(300))
         );
         assert_eq!(parse_max_age("no-cache"), None);
+    }
+
+    #[test]
+    fn an_entry_too_large_for_one_message_is_shortened_not_lost() {
+        let entry = |title: &str, summary: &str| FeedEntry {
+            key: "k".repeat(64),
+            id: Some("id".into()),
+            title: Some(title.into()),
+            summary: Some(summary.into()),
+            categories: vec!["c".into()],
+            ..Default::default()
+        };
+        let small = entry("t", "s");
+        assert_eq!(
+            message_data(&small, "f").map(|d| d.as_str().to_owned()),
+            Data::from_value(&parse::entry_data(&small, "f"))
+                .ok()
+                .map(|d| d.as_str().to_owned()),
+            "what fits is unchanged"
+        );
+        let cases = [
+            entry("t", &"é\"<".repeat(40_000)),
+            entry(&"T".repeat(100_000), &"s".repeat(100_000)),
+        ];
+        for case in cases {
+            let data = message_data(&case, "f").expect("published");
+            assert!(data.as_str().len() <= crate::hub::types::MAX_DATA_BYTES);
+            let value: serde_json::Value = serde_json::from_str(data.as_str()).unwrap();
+            assert_eq!(value["id"], "id");
+        }
+        let data = message_data(&entry("t", &"é".repeat(50_000)), "f").unwrap();
+        let value: serde_json::Value = serde_json::from_str(data.as_str()).unwrap();
+        let summary = value["summary"].as_str().unwrap();
+        assert!(
+            summary.ends_with('…') && summary.len() > 60_000,
+            "as much as fits"
+        );
     }
 }

@@ -204,10 +204,6 @@ impl FeedServer {
             .collect()
     }
 
-    pub fn all_requests(&self) -> Vec<Recorded> {
-        self.shared.requests.lock().unwrap().clone()
-    }
-
     /// Waits until `path` has had at least `n` requests; returns them all.
     pub async fn wait_requests(&self, path: &str, n: usize) -> Vec<Recorded> {
         tokio::time::timeout(WAIT, async {
@@ -468,11 +464,7 @@ fn route(shared: &Shared, path: &str, headers: &HeaderMap) -> (Response, Option<
     let ct = |v: &str| ("content-type", v.to_owned());
     let response = match segments.as_slice() {
         ["atom", name] => return sliding_window(shared, name, headers),
-        ["latin1", "decl"] => respond(
-            200,
-            &[ct("application/rss+xml")],
-            rss_latin1(true),
-        ),
+        ["latin1", "decl"] => respond(200, &[ct("application/rss+xml")], rss_latin1(true)),
         ["latin1", "header"] => respond(
             200,
             &[ct("text/xml; charset=ISO-8859-1")],
@@ -517,7 +509,10 @@ fn route(shared: &Shared, path: &str, headers: &HeaderMap) -> (Response, Option<
         ["huge"] => respond(200, &[ct("application/rss+xml")], huge_body()),
         ["huge-declared"] => respond(
             200,
-            &[ct("application/rss+xml"), ("content-length", HUGE.to_string())],
+            &[
+                ct("application/rss+xml"),
+                ("content-length", HUGE.to_string()),
+            ],
             huge_body(),
         ),
         ["gzip-bomb"] => {
@@ -530,7 +525,10 @@ fn route(shared: &Shared, path: &str, headers: &HeaderMap) -> (Response, Option<
             doc.extend_from_slice(b"</description></channel></rss>");
             respond(
                 200,
-                &[ct("application/rss+xml"), ("content-encoding", "gzip".into())],
+                &[
+                    ct("application/rss+xml"),
+                    ("content-encoding", "gzip".into()),
+                ],
                 gzip(&doc),
             )
         }
@@ -548,13 +546,42 @@ fn route(shared: &Shared, path: &str, headers: &HeaderMap) -> (Response, Option<
             Ok(n) => respond(302, &[("location", format!("/chain/{}", n - 1))], ""),
             Err(_) => respond(404, &[], ""),
         },
+        // Feeds that ask to be polled less often.
+        ["ttl"] => respond(
+            200,
+            &[ct("application/rss+xml")],
+            "<?xml version=\"1.0\"?><rss version=\"2.0\"><channel><title>ttl</title>\
+             <link>https://ttl.example/</link><description>d</description><ttl>1</ttl>\
+             <item><title>Cached for a minute</title><guid>ttl-1</guid></item></channel></rss>",
+        ),
+        ["max-age"] => respond(
+            200,
+            &[ct(ATOM), ("cache-control", "public, max-age=120".into())],
+            atom("max-age", &compressed_entries("max-age")),
+        ),
+        ["retry-date"] => {
+            // Retry-After as an HTTP date, at least 4 s from now.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            respond(503, &[("retry-after", http_date(now + 5))], "busy")
+        }
+        // A feed that moved: relative links resolve against where it lives now.
+        ["moved"] => respond(301, &[("location", "/new/place/feed".into())], ""),
+        ["new", "place", "feed"] => {
+            let mut e = Entry::question(1);
+            e.link = "q/1".into();
+            respond(200, &[ct(ATOM)], atom("moved", &[e]))
+        }
         ["bad-utf8"] => {
             // Declared UTF-8, written in Latin-1.
             let doc = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<rss version=\"2.0\"><channel>\
                        <title>Mislabelled</title><link>https://bad.example/</link><description>x</description>\
                        <item><title>Café société</title><link>https://bad.example/1</link>\
                        <guid>bad-utf8-1</guid></item></channel></rss>\n";
-            respond(200, &[ct("application/rss+xml; charset=utf-8")], latin1(doc))
+            respond(
+                200,
+                &[ct("application/rss+xml; charset=utf-8")],
+                latin1(doc),
+            )
         }
         ["status", code] => {
             let code: u16 = code.parse().unwrap_or(500);
@@ -579,7 +606,10 @@ fn sliding_window(shared: &Shared, name: &str, headers: &HeaderMap) -> (Response
         if status == 429 || status == 503 {
             extra.push(("retry-after", "3".to_owned()));
         }
-        return (respond(status, &extra, "failing on purpose"), Some(w.version));
+        return (
+            respond(status, &extra, "failing on purpose"),
+            Some(w.version),
+        );
     }
     let etag = w.etag_value();
     let last_modified = w.last_modified_value();
@@ -599,8 +629,10 @@ fn sliding_window(shared: &Shared, name: &str, headers: &HeaderMap) -> (Response
     // RFC 9110 §13.2.2: If-None-Match, when present, decides; else If-Modified-Since.
     let not_modified = match header_text(header::IF_NONE_MATCH) {
         Some(inm) if w.etag => inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"),
-        _ => w.last_modified
-            && header_text(header::IF_MODIFIED_SINCE).is_some_and(|ims| ims == last_modified),
+        _ => {
+            w.last_modified
+                && header_text(header::IF_MODIFIED_SINCE).is_some_and(|ims| ims == last_modified)
+        }
     };
     if not_modified {
         return (respond(304, &validators, Body::empty()), Some(w.version));
@@ -613,7 +645,8 @@ fn sliding_window(shared: &Shared, name: &str, headers: &HeaderMap) -> (Response
 
 /// 50 MiB of an RSS document that never closes, in 64 KiB chunks (one shared buffer).
 fn huge_body() -> Body {
-    let prefix: &[u8] = b"<?xml version=\"1.0\"?><rss version=\"2.0\"><channel><title>huge</title><description>";
+    let prefix: &[u8] =
+        b"<?xml version=\"1.0\"?><rss version=\"2.0\"><channel><title>huge</title><description>";
     let mut first = vec![b'x'; 64 * 1024];
     first[..prefix.len()].copy_from_slice(prefix);
     let first = Bytes::from(first);
