@@ -1,6 +1,7 @@
 //! Executes one run: the child process, its output streamed into `jobs:{job}:{run}`, then the
-//! final record, the `exit` message and the state change — in that order, so a client that sees
-//! `exit` finds the run record already final.
+//! final record. [`publish_final`] then sends the `exit` message and the state change; the
+//! supervisor calls it only once it has freed the run's slot, so a client that sees `exit` finds
+//! the run record already final and may start the next run at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,8 @@ fn environment(ctx: &JobsContext, spec: &JobSpec, run: &Run) -> Vec<(String, Str
     env
 }
 
+/// Runs the command to its end and records the run as final; returns the final run. Nothing is
+/// announced yet: see [`publish_final`].
 pub async fn execute(
     ctx: Arc<JobsContext>,
     spec: Arc<JobSpec>,
@@ -94,10 +97,14 @@ pub async fn execute(
         }
         Err(error) => tracing::error!(%error, "could not encode a run"),
     }
-    publish_exit(&ctx.hub, &run).await;
-    publish_run_event(&ctx.hub, &run).await;
     tracing::info!(job = %run.job, run = %run.id, status = run.status.as_str(), exit_code = ?run.exit_code, signal = ?run.signal, "run finished");
     run
+}
+
+/// Announces a finished run: its one `exit` message, then the state change on `jobs:{name}`.
+pub async fn publish_final(hub: &Hub, run: &Run) {
+    publish_exit(hub, run).await;
+    publish_run_event(hub, run).await;
 }
 
 fn apply_ending(run: &mut Run, ending: &Ending) {

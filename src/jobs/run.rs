@@ -54,6 +54,16 @@ pub enum Trigger {
     Ui,
 }
 
+/// Run ids increase in the order runs are created, even within one millisecond, so ordering
+/// by id (run history, newest first) is creation order. (`Ulid::new` is random within a
+/// millisecond.)
+fn next_id() -> ulid::Ulid {
+    static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    let mut ids = IDS.lock().unwrap_or_else(|e| e.into_inner());
+    // Err only if 2^80 ids were made in one millisecond.
+    ids.generate().unwrap_or_else(|_| ulid::Ulid::new())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Run {
     pub id: String,
@@ -78,7 +88,7 @@ impl Run {
         attempt: u32,
         params: BTreeMap<String, String>,
     ) -> Self {
-        let id = ulid::Ulid::new().to_string();
+        let id = next_id().to_string();
         Self {
             channel: format!("jobs:{job}:{id}"),
             id,
@@ -151,5 +161,13 @@ mod tests {
             serde_json::to_value(RunStatus::TimedOut).unwrap(),
             "timed_out"
         );
+    }
+
+    #[test]
+    fn ids_increase_in_creation_order() {
+        let ids: Vec<String> = (0..2000)
+            .map(|_| Run::new("j", Trigger::Api, 1, BTreeMap::new()).id)
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "run ids out of order");
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::execute::execute;
+use super::execute::{execute, publish_final};
 use super::run::{Run, RunStatus, Trigger};
 use super::spec::{JobSpec, Schedule};
 use crate::engine::state::StateStore;
@@ -83,8 +83,11 @@ enum Event {
     Tick {
         job: String,
     },
+    /// A run ended and is recorded final. `freed` is answered once its slot is free and
+    /// `last_run` shows it; only then is its `exit` published.
     Finished {
         run: Run,
+        freed: oneshot::Sender<()>,
     },
     Cancel {
         id: String,
@@ -121,24 +124,26 @@ impl Jobs {
         let ctx = Arc::new(ctx);
         let (tx, rx) = mpsc::channel(1024);
         let tasks = TaskTracker::new();
-        let mut last_run = HashMap::new();
-        for name in specs.keys() {
-            if let Some(stored) = ctx.state.runs_of_job(name, 1).await?.into_iter().next() {
-                last_run.insert(name.clone(), Run::from_stored(&stored)?);
-            }
-        }
-        let supervisor = Supervisor {
+        let mut supervisor = Supervisor {
             ctx: ctx.clone(),
             specs: specs.clone(),
             events: tx.clone(),
             running: HashMap::new(),
             queued: VecDeque::new(),
-            last_run,
+            last_run: HashMap::new(),
             skipped: HashMap::new(),
             runs: TaskTracker::new(),
             shutdown: shutdown.clone(),
         };
         let retry = supervisor.recover_interrupted().await?;
+        // After the recovery, so a run the restart interrupted shows as such.
+        for name in specs.keys() {
+            if let Some(stored) = ctx.state.runs_of_job(name, 1).await?.into_iter().next() {
+                supervisor
+                    .last_run
+                    .insert(name.clone(), Run::from_stored(&stored)?);
+            }
+        }
         for (job, params, trigger, attempt) in retry {
             let _ = tx.try_send(Event::Start {
                 job,
@@ -343,7 +348,10 @@ impl Supervisor {
                 }
             }
             Event::Tick { job } => self.tick(&job).await,
-            Event::Finished { run } => self.finished(run).await,
+            Event::Finished { run, freed } => {
+                self.finished(run).await;
+                let _ = freed.send(());
+            }
             Event::Cancel { id, reply } => {
                 let _ = reply.send(self.cancel(&id).await);
             }
@@ -427,8 +435,19 @@ impl Supervisor {
         let events = self.events.clone();
         let to_execute = run.clone();
         self.runs.spawn(async move {
-            let finished = execute(ctx, spec, to_execute, cancel).await;
-            let _ = events.send(Event::Finished { run: finished }).await;
+            let finished = execute(ctx.clone(), spec, to_execute, cancel).await;
+            // The slot is freed before anyone can learn that the run ended: a client that sees
+            // `exit` may start the next run at once (SPEC §4).
+            let (freed, slot_freed) = oneshot::channel();
+            let event = Event::Finished {
+                run: finished.clone(),
+                freed,
+            };
+            if events.send(event).await.is_ok() {
+                // Err: the supervisor is gone (shutting down); announce anyway.
+                let _ = slot_freed.await;
+            }
+            publish_final(&ctx.hub, &finished).await;
         });
         run
     }
@@ -523,9 +542,8 @@ impl Supervisor {
                 run.status = RunStatus::Cancelled;
                 run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
                 self.ctx.state.put_run(run.to_stored()?).await?;
-                publish_run_event(&self.ctx.hub, &run).await;
-                super::execute::publish_exit(&self.ctx.hub, &run).await;
                 self.last_run.insert(run.job.clone(), run.clone());
+                publish_final(&self.ctx.hub, &run).await;
                 return Ok(Some((run, true)));
             }
         }
@@ -578,8 +596,7 @@ impl Supervisor {
             run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
             run.error = Some("the hub stopped while this run was active".into());
             self.ctx.state.put_run(run.to_stored()?).await?;
-            publish_run_event(&self.ctx.hub, &run).await;
-            super::execute::publish_exit(&self.ctx.hub, &run).await;
+            publish_final(&self.ctx.hub, &run).await;
             tracing::warn!(job = %run.job, run = %run.id, "run interrupted by a restart");
             if let Some(spec) = self.specs.get(&run.job) {
                 if run.attempt <= spec.retries {
@@ -604,14 +621,22 @@ impl Supervisor {
         for mut run in std::mem::take(&mut self.queued) {
             run.status = RunStatus::Cancelled;
             run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
-            if let Ok(stored) = run.to_stored() {
-                let _ = self.ctx.state.put_run(stored).await;
+            match run.to_stored() {
+                Ok(stored) => {
+                    if let Err(error) = self.ctx.state.put_run(stored).await {
+                        tracing::warn!(%error, run = %run.id, "could not record a queued run as cancelled");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not encode a run"),
             }
+            // Its followers wait for an `exit` like any other run's.
+            publish_final(&self.ctx.hub, &run).await;
         }
         while !self.running.is_empty() {
             match rx.recv().await {
-                Some(Event::Finished { run }) => {
+                Some(Event::Finished { run, freed }) => {
                     self.running.remove(&run.id);
+                    let _ = freed.send(());
                 }
                 Some(Event::Start {
                     reply: Some(reply), ..
