@@ -592,6 +592,14 @@ impl Supervisor {
             .await?
         {
             let mut run = Run::from_stored(&stored)?;
+            let id = run.id.clone();
+            let left =
+                tokio::task::spawn_blocking(move || super::process::kill_leftovers_of_run(&id))
+                    .await
+                    .unwrap_or(0);
+            if left > 0 {
+                tracing::warn!(run = %run.id, processes = left, "killed processes a previous hub left running");
+            }
             run.status = RunStatus::Interrupted;
             run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
             run.error = Some("the hub stopped while this run was active".into());

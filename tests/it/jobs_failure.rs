@@ -278,9 +278,11 @@ async fn a_run_caught_by_kill_9_is_interrupted_at_restart_and_retried() {
     wait_line(&server, &channel, "started").await;
     wait_line(&server, once["channel"].as_str().unwrap(), "started").await;
     server.kill9().await;
-    // The hub cannot clean up after a kill -9; the orphaned job ends when the flag appears.
-    scratch.touch("flag");
-    assert_no_process(&marker, "the orphan of the killed hub").await;
+    // The killed hub could not stop its runs: their processes are orphans now.
+    assert!(
+        processes_of_run(&id) > 0,
+        "the orphan of the killed hub is running"
+    );
 
     let restarted = TestServer::start_with(ServerOptions {
         config: Some(config),
@@ -288,6 +290,14 @@ async fn a_run_caught_by_kill_9_is_interrupted_at_restart_and_retried() {
         ..Default::default()
     })
     .await;
+    // Recovery kills what the interrupted runs left behind (found by TIDINGS_RUN_ID).
+    for run in [&id, &id_of(&once)] {
+        wait_for("the orphans of an interrupted run to be killed", || async {
+            (processes_of_run(run) == 0).then_some(())
+        })
+        .await;
+    }
+    scratch.touch("flag");
     let interrupted = get_run(&restarted, &id).await;
     assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
     assert!(!interrupted["finished"].is_null(), "{interrupted}");
@@ -371,4 +381,35 @@ async fn sigterm_cancels_running_runs_and_exits_0() {
     assert_eq!(messages.len(), 1, "only the exit: {messages:?}");
     assert_one_exit(&messages, &never);
     assert_no_process(&marker, "after the restart").await;
+}
+
+/// Live (non-zombie) processes whose environment carries `TIDINGS_RUN_ID={run}`.
+fn processes_of_run(run: &str) -> usize {
+    let needle = format!("TIDINGS_RUN_ID={run}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter(|e| {
+            let zombie = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit_once(") ")
+                        .map(|(_, rest)| rest.starts_with('Z'))
+                })
+                .unwrap_or(true);
+            !zombie
+        })
+        .filter(|e| {
+            std::fs::read(e.path().join("environ"))
+                .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .count()
 }
