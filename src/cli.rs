@@ -87,13 +87,7 @@ pub async fn publish(
         body["id"] = i.into();
     }
     let path = format!("/api/channels/{}/messages", encode_path(channel));
-    let resp = client
-        .send(client.request(reqwest::Method::POST, &path).json(&body))
-        .await?;
-    resp.json().await.map_err(|source| ClientError::Connect {
-        url: client.server.clone(),
-        source,
-    })
+    call(client, reqwest::Method::POST, &path, Some(body)).await
 }
 
 fn encode_path(segment: &str) -> String {
@@ -188,13 +182,7 @@ pub async fn start_run(
         .collect();
     let body = serde_json::json!({"params": params, "trigger": "cli"});
     let path = format!("/api/jobs/{}/runs", encode_path(job));
-    let resp = client
-        .send(client.request(reqwest::Method::POST, &path).json(&body))
-        .await?;
-    resp.json().await.map_err(|source| ClientError::Connect {
-        url: client.server.clone(),
-        source,
-    })
+    call(client, reqwest::Method::POST, &path, Some(body)).await
 }
 
 /// Prints a run's output as it is printed (stdout lines to `out`, stderr lines to `err`)
