@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod ops;
 pub mod ratelimit;
 pub mod sse;
+pub mod ui;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -105,6 +106,11 @@ pub async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
 pub fn router(state: AppState) -> Router {
     let cors = cors_layer(&state.cors_origins);
     Router::new()
+        .route("/", get(ui::dashboard))
+        .route("/channels/{ch}", get(ui::channel_page))
+        .route("/runs/{id}", get(ui::run_page))
+        .route("/tidings.js", get(ui::client))
+        .route("/assets/{file}", get(ui::asset))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/ws", get(ws::upgrade))

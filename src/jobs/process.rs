@@ -561,6 +561,45 @@ fn piece(bytes: &[u8]) -> (String, usize) {
     (text, used)
 }
 
+/// Kills (SIGKILL) every process whose environment says it belongs to run `run_id`
+/// (`TIDINGS_RUN_ID=…`): what a run left behind when the hub itself was killed. Matching on the
+/// environment rather than a stored pid means a reused pid is never hit. Returns how many.
+pub fn kill_leftovers_of_run(run_id: &str) -> usize {
+    let needle = format!("TIDINGS_RUN_ID={run_id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let own = std::process::id();
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 == own {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,43 +1157,4 @@ mod tests {
         );
         assert_none_left(&marker).await;
     }
-}
-
-/// Kills (SIGKILL) every process whose environment says it belongs to run `run_id`
-/// (`TIDINGS_RUN_ID=…`): what a run left behind when the hub itself was killed. Matching on the
-/// environment rather than a stored pid means a reused pid is never hit. Returns how many.
-pub fn kill_leftovers_of_run(run_id: &str) -> usize {
-    let needle = format!("TIDINGS_RUN_ID={run_id}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let own = std::process::id();
-    let mut killed = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid as u32 == own {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == needle.as_bytes())
-            && nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-        {
-            killed += 1;
-        }
-    }
-    killed
 }
