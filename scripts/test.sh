@@ -11,6 +11,11 @@ need_pkgs=()
 command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 command -v kill >/dev/null 2>&1 || need_pkgs+=(procps)
+# Job tests use curl (a run posting back with its token) and ip/unshare (the no-config
+# defaults test runs the hub in its own network namespace so nothing reaches the internet).
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
 # Headless Chromium and its WebDriver for the browser tests (tests/browser); never a download.
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_pkgs+=(chromium-driver)
