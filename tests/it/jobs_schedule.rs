@@ -200,3 +200,46 @@ async fn a_malformed_schedule_stops_serve_with_the_key_named() {
         );
     }
 }
+
+/// §4: missed ticks are not replayed, but `catch_up = true` runs once at start-up when a tick
+/// fell while the hub was down. The last tick is seeded a year back, so a yearly cron's
+/// Jan 1 tick was certainly missed; exactly one catch-up run follows, not one per missed tick.
+#[tokio::test]
+async fn catch_up_runs_once_at_start_up_after_a_missed_tick() {
+    let config = "[[jobs]]\nname = \"yearly\"\ncommand = [\"true\"]\ncron = \"0 0 1 1 *\"\ncatch_up = true\n"
+        .to_owned();
+    let mut server = start_server(config.clone()).await;
+    assert!(
+        runs_of(&server, "yearly").await.is_empty(),
+        "no tick is due yet"
+    );
+    let dir = server.data_dir.clone();
+    assert!(server.terminate().await.success());
+    let year_ago = tidings::clock::now_ms() - 366 * 24 * 3600 * 1000;
+    let state = rusqlite::Connection::open(dir.join("state.db")).expect("state.db");
+    state
+        .execute(
+            "INSERT OR REPLACE INTO docs (kind, key, json) VALUES ('job_tick', 'yearly', ?1)",
+            [year_ago.to_string()],
+        )
+        .expect("seed the last tick");
+    drop(state);
+    let restarted = crate::support::TestServer::start_with(crate::support::ServerOptions {
+        config: Some(config),
+        data_dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    let run = wait_for("the catch-up run", || async {
+        runs_of(&restarted, "yearly").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(run["trigger"], "schedule", "{run}");
+    let done = wait_final(&restarted, run["id"].as_str().expect("id")).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        runs_of(&restarted, "yearly").await.len(),
+        1,
+        "one catch-up, not a replay"
+    );
+}
