@@ -246,9 +246,11 @@ pub async fn read(
     app.auth.can_read(&who, &channel)?;
     let q = parse_read_query(query.as_deref())?;
     let since = q.since.unwrap_or(0);
-    let result = match q.wait {
+    let (result, transport) = match q.wait {
         Some(wait) => {
-            app.hub
+            let _open = super::sse::ConnectionGauge::new(app.hub.metrics().clone(), "longpoll");
+            let result = app
+                .hub
                 .read_wait(
                     &channel,
                     since,
@@ -257,14 +259,23 @@ pub async fn read(
                     wait,
                     &app.shutdown,
                 )
-                .await?
+                .await?;
+            (result, "longpoll")
         }
-        None => {
+        None => (
             app.hub
                 .read(&channel, since, q.limit, q.epoch.as_ref())
-                .await?
-        }
+                .await?,
+            "poll",
+        ),
     };
+    if let Some(last) = result.messages.last() {
+        app.hub.metrics().delivered(
+            &crate::metrics::transport(transport),
+            last.time_ms,
+            result.messages.len() as u64,
+        );
+    }
     Ok(json_response(
         StatusCode::OK,
         read_response_body(&channel, &result),

@@ -951,3 +951,47 @@ async fn resubscribing_never_mixes_in_frames_of_the_old_subscription() {
     }
     assert_contiguous(&after_second, 1, 900, "second subscription");
 }
+
+/// §9: every transport's deliveries are counted under its own label.
+#[tokio::test]
+async fn metrics_count_deliveries_per_transport() {
+    let server = TestServer::start().await;
+    server.publish("api:metrics", json!({"data": 1})).await;
+    server
+        .get("/api/channels/api:metrics/messages?since=0")
+        .await;
+    server
+        .get("/api/channels/api:metrics/messages?since=0&wait=1")
+        .await;
+    let mut sse = server
+        .sse("/api/channels/api:metrics/events?since=0", None)
+        .await;
+    let message = loop {
+        let e = sse.next().await.expect("stream open");
+        if e.event.is_none() {
+            break e;
+        }
+    };
+    assert!(message.data.contains("\"seq\":1"));
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for transport in ["poll", "longpoll", "sse"] {
+        let line = format!("tidings_messages_delivered_total{{transport=\"{transport}\"}} 1");
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
+    assert!(
+        text.contains("tidings_connections{transport=\"sse\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidings_store_commit_seconds_count"),
+        "{text}"
+    );
+}
