@@ -20,6 +20,10 @@ export RUST_BACKTRACE=0
 
 mkdir -p "$OUT"
 cargo build --release --quiet
+{ git rev-parse HEAD; git status --short; } >"$OUT/commit.txt" 2>/dev/null || true
+# An empty configuration: without any file the hub starts its demo job and feed poller, which
+# would run (and publish) during the measurements.
+printf '# tidings bench: no jobs, no feeds, defaults otherwise\n' >"$OUT/hub.toml"
 
 hub_pid=""
 stop_hub() {
@@ -33,7 +37,7 @@ trap stop_hub EXIT
 
 start_hub() { # $1: sync mode (full|normal)
   rm -rf "$DATA"
-  TIDINGS__SERVER__SYNC="$1" taskset -c "$HUB_CPU" "$BIN" serve --listen "127.0.0.1:$PORT" --data "$DATA" \
+  TIDINGS__SERVER__SYNC="$1" taskset -c "$HUB_CPU" "$BIN" serve --config "$OUT/hub.toml" --listen "127.0.0.1:$PORT" --data "$DATA" \
     >>"$OUT/hub.log" 2>&1 &
   hub_pid=$!
   for _ in $(seq 100); do
@@ -46,6 +50,26 @@ start_hub() { # $1: sync mode (full|normal)
   exit 1
 }
 
+# Waits (up to QUIET_WAIT seconds, default 120) until the machine is idle: less than 0.15 of a
+# core busy over one second. Other processes on a small machine move the numbers a lot; each
+# report's `machine_busy` shows how much else ran during the run anyway.
+wait_quiet() {
+  local deadline=$((SECONDS + ${QUIET_WAIT:-120}))
+  while [ $SECONDS -lt $deadline ]; do
+    local a b
+    a=$(head -n1 /proc/stat)
+    sleep 1
+    b=$(head -n1 /proc/stat)
+    if awk -v a="$a" -v b="$b" 'BEGIN {
+        split(a, x); split(b, y); busy = 0; total = 0
+        for (i = 2; i <= 9; i++) { d = y[i] - x[i]; total += d; if (i != 5 && i != 6) busy += d }
+        exit !(total > 0 && busy / total * 2 < 0.15) }'; then
+      return 0
+    fi
+  done
+  echo "the machine did not become idle; measuring anyway" >&2
+}
+
 run_case() { # name sync-mode bench-arguments…
   local name=$1 sync=$2
   shift 2
@@ -53,6 +77,7 @@ run_case() { # name sync-mode bench-arguments…
     return 0
   fi
   for i in $(seq "$REPEAT"); do
+    wait_quiet
     start_hub "$sync"
     sleep 1
     cat /proc/loadavg >"$OUT/$name.$i.loadavg"
@@ -72,5 +97,7 @@ run_case publish-c64-normal normal publish --concurrency 64 --messages 100000 --
 run_case fanout-ws1000-max full fanout --subscribers 1000 --messages 2000 --size 100 --timeout 120
 run_case fanout-ws1000-paced100 full fanout --subscribers 1000 --messages 1000 --size 100 --rate 100 --timeout 120
 run_case fanout-sse100-max full fanout --transport sse --subscribers 100 --messages 5000 --size 100 --timeout 120
+# One closed-loop publisher bounds the case above (its ack latency); four show the hub's capacity.
+run_case fanout-sse100-max-4pub full fanout --transport sse --subscribers 100 --messages 10000 --size 100 --publishers 4 --timeout 120
 
 echo "results in $OUT"

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Medians of the JSON reports written by scripts/bench.sh, as Markdown tables.
 
-Usage: scripts/bench_medians.py OUT_DIR
+Usage: scripts/bench_medians.py [--cleanest K] OUT_DIR [OUT_DIR…]
 
-Each metric's median is taken on its own over the runs of a case (so one row may mix runs).
+Runs of the same case from every OUT_DIR are pooled. With --cleanest K, only the K runs with
+the least other load on the machine (cores busy with anything but the hub and the load
+generator, from each report's `machine_busy`) are used; the others are still listed. Each
+metric's median is taken on its own (so one row may mix runs).
 """
 
 import glob
@@ -65,6 +68,14 @@ FANOUT = [
 ]
 
 
+def other_load(report):
+    """Cores busy with anything but the hub and the load generator during the run."""
+    busy = get(report, "machine_busy.all_cores")
+    hub = get(report, "hub.cpu_busy") or 0
+    loadgen = get(report, "loadgen.cpu_busy") or 0
+    return None if busy is None else max(0.0, busy - hub - loadgen)
+
+
 def fmt(label, value):
     if value is None:
         return "–"
@@ -76,28 +87,40 @@ def fmt(label, value):
 
 
 def main():
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    cleanest = None
+    if len(args) >= 2 and args[0] == "--cleanest":
+        cleanest = int(args[1])
+        args = args[2:]
+    if not args:
         sys.exit(__doc__)
     runs = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
-        case = os.path.basename(path).rsplit(".", 2)[0]
-        try:
-            with open(path) as f:
-                runs[case].append(json.load(f))
-        except (OSError, ValueError) as e:
-            print(f"skipping {path}: {e}", file=sys.stderr)
-    for case, reports in runs.items():
+    for out in args:
+        for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+            case = os.path.basename(path).rsplit(".", 2)[0]
+            try:
+                with open(path) as f:
+                    runs[case].append(json.load(f))
+            except (OSError, ValueError) as e:
+                print(f"skipping {path}: {e}", file=sys.stderr)
+    for case in sorted(runs):
+        reports = sorted(runs[case], key=lambda r: other_load(r) or 0.0)
+        used = reports[:cleanest] if cleanest else reports
+        rest = reports[len(used):]
         columns = PUBLISH if reports[0].get("scenario") == "publish" else FANOUT
-        print(f"\n### {case} (median of {len(reports)})\n")
-        print("| metric | median | runs |")
-        print("|---|---|---|")
-        for label, path in columns:
-            values = [v for v in (get(r, path) for r in reports) if v is not None]
+        title = f"median of the {len(used)} quietest of {len(reports)} runs" if rest else f"median of {len(used)}"
+        print(f"\n### {case} ({title})\n")
+        print("| metric | median | runs used | other runs |")
+        print("|---|---|---|---|")
+        for label, path in columns + [("other load (cores)", None)]:
+            pick = lambda r: other_load(r) if path is None else get(r, path)  # noqa: E731
+            values = [v for v in map(pick, used) if v is not None]
             if not values:
                 continue
             median = statistics.median(values)
             each = ", ".join(fmt(label, v) for v in values)
-            print(f"| {label} | {fmt(label, median)} | {each} |")
+            others = ", ".join(fmt(label, v) for v in map(pick, rest) if v is not None)
+            print(f"| {label} | {fmt(label, median)} | {each} | {others} |")
 
 
 if __name__ == "__main__":
