@@ -22,6 +22,7 @@ use crate::hub::live::Live;
 use crate::hub::Hub;
 use crate::jobs::supervisor::{Jobs, JobsContext};
 use crate::metrics::Metrics;
+use crate::webhooks::{Webhooks, WebhooksContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -128,6 +129,20 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let (tap, feed) = crate::hub::tap::commit_tap(4096);
+    hub.live().set_tap(tap);
+    let webhooks = Webhooks::start(
+        WebhooksContext {
+            hub: hub.clone(),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            feed,
+        },
+        config.webhook_policy.clone(),
+        config.webhooks.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let tasks = TaskTracker::new();
     let state = AppState(Arc::new(AppInner {
         hub: hub.clone(),
@@ -139,6 +154,7 @@ pub async fn run(
         cors_origins: config.cors_origins.clone(),
         jobs,
         feeds: feeds.clone(),
+        webhooks: webhooks.clone(),
     }));
     tasks.spawn(maintain(
         hub.clone(),
@@ -170,10 +186,13 @@ pub async fn run(
     tasks.close();
     let feed_tasks = feeds.tasks();
     feed_tasks.close();
+    let webhook_tasks = webhooks.tasks();
+    webhook_tasks.close();
     let everyone = async {
         tasks.wait().await;
         job_tasks.wait().await;
         feed_tasks.wait().await;
+        webhook_tasks.wait().await;
     };
     if tokio::time::timeout(deadline, everyone).await.is_err() {
         tracing::warn!(

@@ -154,6 +154,8 @@ pub struct Config {
     pub max_concurrent_runs: usize,
     /// The most one feed fetch (connect, headers and body) may take.
     pub feed_timeout: Duration,
+    pub webhook_policy: crate::webhooks::spec::WebhookPolicy,
+    pub webhooks: Vec<crate::webhooks::spec::ConfigWebhook>,
 }
 
 impl Config {
@@ -324,6 +326,8 @@ fn resolve(
         return Err(invalid("limits.feed_timeout", "must be longer than 0"));
     }
     let shutdown_grace = parse_duration("server.shutdown_grace", &raw.server.shutdown_grace)?;
+    let (webhook_policy, webhooks) =
+        crate::webhooks::spec::resolve(&raw.rest, crate::app::is_loopback(&listen))?;
     Ok(Config {
         listen,
         data,
@@ -347,6 +351,8 @@ fn resolve(
         feeds,
         max_concurrent_runs: raw.limits.max_concurrent_runs,
         feed_timeout,
+        webhook_policy,
+        webhooks,
     })
 }
 

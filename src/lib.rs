@@ -11,3 +11,4 @@ pub mod http;
 pub mod hub;
 pub mod jobs;
 pub mod metrics;
+pub mod webhooks;

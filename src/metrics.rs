@@ -21,6 +21,10 @@ pub struct Metrics {
     pub job_runs: Family<LabelSet, Counter>,
     pub job_skipped_ticks: Family<LabelSet, Counter>,
     pub feed_polls: Family<LabelSet, Counter>,
+    /// Webhook delivery attempts by `result`: success, failure (will be retried), exhausted
+    /// (retries used up, recorded as failed), gone (410: the webhook was disabled).
+    pub webhook_deliveries: Family<TransportLabel, Counter>,
+    pub webhook_latency: Histogram,
 }
 
 /// Labels whose values are only known at run time (job and feed names).
@@ -102,6 +106,18 @@ impl Default for Metrics {
             "Feed polls by feed and result",
             feed_polls.clone(),
         );
+        let webhook_deliveries = Family::<TransportLabel, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by result",
+            webhook_deliveries.clone(),
+        );
+        let webhook_latency = Histogram::new(latency_buckets());
+        registry.register(
+            "webhook_delivery_seconds",
+            "Time from a webhook request's start to its answer (or failure)",
+            webhook_latency.clone(),
+        );
         Self {
             registry,
             connections,
@@ -114,6 +130,8 @@ impl Default for Metrics {
             job_runs,
             job_skipped_ticks,
             feed_polls,
+            webhook_deliveries,
+            webhook_latency,
         }
     }
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::state::{StateStore, StoredRun};
+use super::state::{
+    Enqueue, OutboxItem, PendingDelivery, Settle, StateStore, StoredRun, WebhookCursor,
+};
 use super::EngineError;
 
 pub struct SqliteState {
@@ -50,7 +52,32 @@ impl SqliteState {
                  key TEXT NOT NULL,
                  last_seen INTEGER NOT NULL,
                  PRIMARY KEY (set_name, key)
-             ) WITHOUT ROWID;",
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS webhook_cursors (
+                 webhook TEXT NOT NULL,
+                 channel TEXT NOT NULL,
+                 epoch TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 PRIMARY KEY (webhook, channel)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS webhook_outbox (
+                 key INTEGER PRIMARY KEY AUTOINCREMENT,
+                 webhook TEXT NOT NULL,
+                 channel TEXT NOT NULL,
+                 epoch TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 body TEXT NOT NULL,
+                 attempt INTEGER NOT NULL DEFAULT 0,
+                 next_attempt INTEGER NOT NULL DEFAULT 0,
+                 UNIQUE (webhook, channel, epoch, seq)
+             );
+             CREATE INDEX IF NOT EXISTS webhook_outbox_queue ON webhook_outbox (webhook, key);
+             CREATE TABLE IF NOT EXISTS webhook_log (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 webhook TEXT NOT NULL,
+                 json TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS webhook_log_by_hook ON webhook_log (webhook, id);",
         )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -278,6 +305,195 @@ impl StateStore for SqliteState {
         })
         .await
     }
+
+    async fn webhook_cursors(&self, webhook: &str) -> Result<Vec<WebhookCursor>, EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT channel, epoch, seq FROM webhook_cursors WHERE webhook = ?1",
+                )?
+                .query_map(params![webhook], |r| {
+                    Ok(WebhookCursor {
+                        channel: r.get(0)?,
+                        epoch: r.get(1)?,
+                        seq: r.get::<_, i64>(2)?.max(0) as u64,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn webhook_enqueue(&self, batch: Vec<Enqueue>) -> Result<(), EngineError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO webhook_outbox (webhook, channel, epoch, seq, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                let mut cursor = tx.prepare_cached(
+                    "INSERT INTO webhook_cursors (webhook, channel, epoch, seq) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(webhook, channel) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+                )?;
+                for e in &batch {
+                    for item in &e.items {
+                        insert.execute(params![
+                            e.webhook,
+                            item.channel,
+                            item.epoch,
+                            item.seq as i64,
+                            item.body
+                        ])?;
+                    }
+                    for to in &e.cursors {
+                        cursor.execute(params![e.webhook, to.channel, to.epoch, to.seq as i64])?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn webhook_pending(
+        &self,
+        webhook: &str,
+        after_key: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT key, channel, epoch, seq, body, attempt, next_attempt FROM webhook_outbox
+                     WHERE webhook = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+                )?
+                .query_map(
+                    params![webhook, after_key, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    pending_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn webhook_pending_count(&self, webhook: &str) -> Result<u64, EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM webhook_outbox WHERE webhook = ?1")?
+                .query_row(params![webhook], |r| r.get(0))?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn webhook_settle(
+        &self,
+        webhook: &str,
+        settles: Vec<Settle>,
+        log: Vec<String>,
+        keep_log: usize,
+    ) -> Result<(), EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut done = tx.prepare_cached("DELETE FROM webhook_outbox WHERE key = ?1")?;
+                let mut retry = tx.prepare_cached(
+                    "UPDATE webhook_outbox SET attempt = ?2, next_attempt = ?3 WHERE key = ?1",
+                )?;
+                for s in &settles {
+                    match s {
+                        Settle::Done { key } => {
+                            done.execute(params![key])?;
+                        }
+                        Settle::Retry {
+                            key,
+                            attempt,
+                            next_attempt_ms,
+                        } => {
+                            retry.execute(params![key, attempt, next_attempt_ms])?;
+                        }
+                    }
+                }
+                let mut append =
+                    tx.prepare_cached("INSERT INTO webhook_log (webhook, json) VALUES (?1, ?2)")?;
+                for json in &log {
+                    append.execute(params![webhook, json])?;
+                }
+                if !log.is_empty() {
+                    tx.prepare_cached(
+                        "DELETE FROM webhook_log WHERE webhook = ?1 AND id <= (
+                             SELECT id FROM webhook_log WHERE webhook = ?1
+                             ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                    )?
+                    .execute(params![
+                        webhook,
+                        i64::try_from(keep_log).unwrap_or(i64::MAX)
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn webhook_log(&self, webhook: &str, limit: usize) -> Result<Vec<String>, EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT json FROM webhook_log WHERE webhook = ?1 ORDER BY id DESC LIMIT ?2",
+                )?
+                .query_map(
+                    params![webhook, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn webhook_forget(&self, webhook: &str) -> Result<(), EngineError> {
+        let webhook = webhook.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for table in ["webhook_outbox", "webhook_cursors", "webhook_log"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE webhook = ?1"),
+                    params![webhook],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingDelivery> {
+    Ok(PendingDelivery {
+        key: r.get(0)?,
+        item: OutboxItem {
+            channel: r.get(1)?,
+            epoch: r.get(2)?,
+            seq: r.get::<_, i64>(3)?.max(0) as u64,
+            body: r.get(4)?,
+        },
+        attempt: r.get::<_, i64>(5)?.clamp(0, i64::from(u32::MAX)) as u32,
+        next_attempt_ms: r.get(6)?,
+    })
 }
 
 #[cfg(test)]

@@ -15,6 +15,56 @@ pub struct StoredRun {
     pub json: String,
 }
 
+/// Where a webhook's delivery stands on one channel: everything up to `seq` of `epoch` is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookCursor {
+    pub channel: String,
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// A message to deliver to a webhook.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub channel: String,
+    pub epoch: String,
+    pub seq: u64,
+    /// The message JSON: the request body.
+    pub body: String,
+}
+
+/// One webhook's share of an enqueue: its new items, and where its cursors move.
+#[derive(Debug, Clone, Default)]
+pub struct Enqueue {
+    pub webhook: String,
+    pub items: Vec<OutboxItem>,
+    pub cursors: Vec<WebhookCursor>,
+}
+
+/// A queued delivery; `key` orders a webhook's queue (insertion order).
+#[derive(Debug, Clone)]
+pub struct PendingDelivery {
+    pub key: i64,
+    pub item: OutboxItem,
+    /// Attempts made so far.
+    pub attempt: u32,
+    /// When the next attempt may start (ms since the epoch); 0 = now.
+    pub next_attempt_ms: i64,
+}
+
+/// What became of a queued delivery.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Delivered, or given up: off the queue.
+    Done { key: i64 },
+    /// To be tried again.
+    Retry {
+        key: i64,
+        attempt: u32,
+        next_attempt_ms: i64,
+    },
+}
+
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// A named secret made once and kept (e.g. the key that signs run tokens).
@@ -52,6 +102,31 @@ pub trait StateStore: Send + Sync + 'static {
     /// How many keys `set` remembers.
     async fn seen_count(&self, set: &str) -> Result<u64, EngineError>;
     async fn forget_set(&self, set: &str) -> Result<(), EngineError>;
+
+    /// Where each channel's delivery to `webhook` stands.
+    async fn webhook_cursors(&self, webhook: &str) -> Result<Vec<WebhookCursor>, EngineError>;
+    /// Queues items and moves cursors, all at once (items already queued are skipped).
+    async fn webhook_enqueue(&self, batch: Vec<Enqueue>) -> Result<(), EngineError>;
+    /// Queued deliveries of `webhook` with a key above `after_key`, in queue order.
+    async fn webhook_pending(
+        &self,
+        webhook: &str,
+        after_key: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, EngineError>;
+    async fn webhook_pending_count(&self, webhook: &str) -> Result<u64, EngineError>;
+    /// Applies outcomes and appends attempt records (JSON), keeping the newest `keep_log`.
+    async fn webhook_settle(
+        &self,
+        webhook: &str,
+        settles: Vec<Settle>,
+        log: Vec<String>,
+        keep_log: usize,
+    ) -> Result<(), EngineError>;
+    /// Attempt records, newest first.
+    async fn webhook_log(&self, webhook: &str, limit: usize) -> Result<Vec<String>, EngineError>;
+    /// Drops a webhook's queue, cursors and attempt records.
+    async fn webhook_forget(&self, webhook: &str) -> Result<(), EngineError>;
 }
 
 /// Typed helpers over the JSON documents.

@@ -9,6 +9,7 @@ pub mod ops;
 pub mod ratelimit;
 pub mod sse;
 pub mod ui;
+pub mod webhooks;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -50,6 +51,7 @@ pub struct AppInner {
     pub cors_origins: Vec<String>,
     pub jobs: crate::jobs::supervisor::Jobs,
     pub feeds: crate::feeds::poller::Feeds,
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 #[derive(Clone)]
@@ -135,6 +137,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/feeds", get(feeds::list).post(feeds::add))
         .route("/api/feeds/{name}", axum::routing::delete(feeds::remove))
+        .route("/api/webhooks", get(webhooks::list).post(webhooks::create))
+        .route(
+            "/api/webhooks/{id}",
+            get(webhooks::get_one).delete(webhooks::remove),
+        )
+        .route("/api/webhooks/{id}/enable", post(webhooks::enable))
+        .route("/api/webhooks/{id}/disable", post(webhooks::disable))
+        .route("/api/webhooks/{id}/rotate", post(webhooks::rotate))
+        .route("/api/webhooks/{id}/replay", post(webhooks::replay))
+        .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         .layer(cors)

@@ -195,6 +195,8 @@ impl Drop for SubscriberGuard {
 pub struct Live {
     channels: Mutex<HashMap<ChannelName, Arc<LiveChannel>>>,
     retention: Arc<RetentionRules>,
+    /// Followers of every commit (webhooks), if any.
+    tap: std::sync::OnceLock<super::tap::CommitTap>,
 }
 
 impl Live {
@@ -202,7 +204,13 @@ impl Live {
         Self {
             channels: Mutex::new(HashMap::new()),
             retention,
+            tap: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the one commit tap (webhooks); a second call is ignored.
+    pub fn set_tap(&self, tap: super::tap::CommitTap) {
+        let _ = self.tap.set(tap);
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<ChannelName, Arc<LiveChannel>>> {
@@ -257,6 +265,9 @@ impl Live {
 impl LiveSink for Live {
     fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]) {
         self.get_or_create(channel).append(epoch, messages);
+        if let Some(tap) = self.tap.get() {
+            tap.notify(channel, epoch, messages);
+        }
     }
 
     fn reset(&self, channel: &ChannelName, epoch: &Epoch) {

@@ -6,6 +6,7 @@ pub mod json;
 pub mod live;
 pub mod pattern;
 pub mod retention;
+pub mod tap;
 pub mod types;
 
 use std::sync::Arc;
