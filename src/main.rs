@@ -101,6 +101,11 @@ enum Command {
         #[command(subcommand)]
         command: FeedsCommand,
     },
+    /// Manage webhooks: URLs that receive every message of matching channels, signed.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Load-test a hub running on this machine (loopback only): prints one JSON report to
     /// stdout and a summary line to stderr; exits non-zero if work is missing at --timeout.
     Bench {
@@ -126,6 +131,27 @@ enum FeedsCommand {
     List,
     /// Stop polling a feed added at run time (its history is kept).
     Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum WebhooksCommand {
+    /// Register a URL for channel patterns; prints the webhook with its signing secret (shown
+    /// only now: keep it to verify the `webhook-signature` header).
+    Add {
+        url: String,
+        /// A channel name or prefix pattern such as `accounts:*` (repeatable, at least one).
+        #[arg(long = "channel", required = true)]
+        channels: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// First replay every matching channel's history after this seq (0 = all of it).
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// List webhooks with their state, pending and failed deliveries.
+    List,
+    /// Delete a webhook (its pending deliveries are dropped).
+    Rm { id: String },
 }
 
 fn parse_param(text: &str) -> Result<(String, String), String> {
@@ -272,6 +298,33 @@ async fn run() -> anyhow::Result<()> {
                 }
                 FeedsCommand::Rm { name } => {
                     let path = format!("/api/feeds/{}", cli::encode_segment(&name));
+                    cli::call(&client, reqwest::Method::DELETE, &path, None).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Webhooks { command } => {
+            let result = match command {
+                WebhooksCommand::Add {
+                    url,
+                    channels,
+                    description,
+                    since,
+                } => {
+                    let mut body = serde_json::json!({"url": url, "channels": channels});
+                    if let Some(d) = description {
+                        body["description"] = d.into();
+                    }
+                    if let Some(s) = since {
+                        body["since"] = s.into();
+                    }
+                    cli::call(&client, reqwest::Method::POST, "/api/webhooks", Some(body)).await?
+                }
+                WebhooksCommand::List => {
+                    cli::call(&client, reqwest::Method::GET, "/api/webhooks", None).await?
+                }
+                WebhooksCommand::Rm { id } => {
+                    let path = format!("/api/webhooks/{}", cli::encode_segment(&id));
                     cli::call(&client, reqwest::Method::DELETE, &path, None).await?
                 }
             };

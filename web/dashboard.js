@@ -309,7 +309,7 @@ async function refreshWebhooks() {
       el(
         "thead",
         {},
-        el("tr", {}, ...["Webhook", "Channels", "State", "Failures"].map((h) => el("th", { scope: "col", text: h }))),
+        el("tr", {}, ...["Webhook", "Channels", "State", "Deliveries"].map((h) => el("th", { scope: "col", text: h }))),
       ),
       el(
         "tbody",
@@ -320,8 +320,8 @@ async function refreshWebhooks() {
             {},
             el("th", { scope: "row", "data-label": "Webhook" }, el("span", { class: "name", text: h.url }), el("div", { class: "muted small", text: h.id })),
             cell("Channels", (h.channels || []).join(", ")),
-            cell("State", pill(h.state)),
-            cell("Failures", String(h.failures ?? h.consecutive_failures ?? 0)),
+            cell("State", pill(h.state), h.last_error && h.state !== "active" ? el("div", { class: "muted small", text: h.last_error }) : null),
+            cell("Deliveries", `${h.pending ?? 0} pending · ${h.failed ?? 0} failed`),
           ),
         ),
       ),
@@ -365,9 +365,9 @@ setInterval(() => {
   if (document.hidden) return;
   refreshChannels();
   refreshFeeds();
+  refreshWebhooks();
 }, 5000);
 setInterval(() => {
   if (document.hidden) return;
   refreshJobs();
-  refreshWebhooks();
 }, 15000);

@@ -10,10 +10,6 @@ use crate::browser_test;
 use crate::harness::Browser;
 use crate::support::{ServerOptions, TestServer};
 
-/// Console errors every dashboard load may show: this hub has no webhooks endpoint yet, so the
-/// dashboard's probe of it is answered 404 (and the section says "none").
-const WEBHOOKS_PROBE: &str = "/api/webhooks - Failed to load resource";
-
 /// Jobs and a (deliberately unreachable, loopback) feed for the pages to show.
 fn config(gate: &Path) -> String {
     format!(
@@ -70,6 +66,14 @@ printf '\033[1;32mok\033[0m 41 passed; \033[31m1 failed\033[0m\n'
 name = "offline-example"
 url = "http://127.0.0.1:9/feed.xml"
 every = "1h"
+
+[[webhooks]]
+url = "http://127.0.0.1:9/hook"
+channels = ["fresh:*"]
+description = "an unreachable receiver, for the dashboard"
+
+[webhook_policy]
+retry = ["1h"]
 "#,
         gate = gate.display()
     )
@@ -175,8 +179,10 @@ fn dashboard_loads_without_console_errors_and_updates_live() {
         .await;
         b.wait("the feed with its error", "return document.querySelector('#feeds tr[data-feed=\"offline-example\"] .error-text')?.textContent").await;
         b.wait(
-            "webhooks: none",
-            "return document.getElementById('webhooks').textContent.trim() === 'none'",
+            "the config webhook, active before anything matched",
+            "const w = document.querySelector('#webhooks'); \
+             return !!w && w.textContent.includes('http://127.0.0.1:9/hook') \
+             && w.textContent.includes('active')",
         )
         .await;
         let declared = b
@@ -208,11 +214,19 @@ fn dashboard_loads_without_console_errors_and_updates_live() {
         )
         .await;
         assert_eq!(b.js("return window.__marker").await, 1, "no reload");
+        // The webhook of the config file is listed; the message above made it fail.
+        b.wait(
+            "the failing webhook on the dashboard",
+            "const w = document.querySelector('#webhooks'); \
+             return !!w && w.textContent.includes('http://127.0.0.1:9/hook') \
+             && w.textContent.includes('failing')",
+        )
+        .await;
 
-        assert_no_console_errors(&mut b, &[WEBHOOKS_PROBE]).await;
+        assert_no_console_errors(&mut b, &[]).await;
         // …and the console is really being read: an error logged now is seen.
         b.js("console.error('console-probe'); return null").await;
-        let errors = b.console_errors(&[WEBHOOKS_PROBE]).await;
+        let errors = b.console_errors(&[]).await;
         assert!(
             errors.len() == 1 && errors[0].contains("console-probe"),
             "{errors:?}"
@@ -480,7 +494,7 @@ fn run_button_starts_a_run_and_opens_its_log_and_cancel_stops_one() {
             "return document.querySelector('#status').textContent === 'cancelled'",
         )
         .await;
-        assert_no_console_errors(&mut b, &[WEBHOOKS_PROBE]).await;
+        assert_no_console_errors(&mut b, &[]).await;
         b.close().await;
     });
 }
@@ -698,7 +712,7 @@ fn screenshots_of_every_page() {
                 assert!(saved.metadata().map(|m| m.len() > 1000).unwrap_or(false));
             }
         }
-        assert_no_console_errors(&mut b, &[WEBHOOKS_PROBE]).await;
+        assert_no_console_errors(&mut b, &[]).await;
         b.close().await;
     });
 }
@@ -780,7 +794,6 @@ fn refused_actions_ask_for_an_api_key_and_retry_with_it() {
                 "the server responded with a status of 403",
                 // The WebSocket upgrade with the wrong key (a 401 the page cannot read).
                 "/ws?token=wrong' failed",
-                WEBHOOKS_PROBE,
             ],
         )
         .await;
