@@ -69,7 +69,8 @@ impl SqliteState {
                  body TEXT NOT NULL,
                  attempt INTEGER NOT NULL DEFAULT 0,
                  next_attempt INTEGER NOT NULL DEFAULT 0,
-                 UNIQUE (webhook, channel, epoch, seq)
+                 replay INTEGER NOT NULL DEFAULT 0,
+                 UNIQUE (webhook, channel, epoch, seq, replay)
              );
              CREATE INDEX IF NOT EXISTS webhook_outbox_queue ON webhook_outbox (webhook, key);
              CREATE TABLE IF NOT EXISTS webhook_log (
@@ -334,8 +335,8 @@ impl StateStore for SqliteState {
             let tx = c.transaction()?;
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO webhook_outbox (webhook, channel, epoch, seq, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR IGNORE INTO webhook_outbox (webhook, channel, epoch, seq, body, replay)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 let mut cursor = tx.prepare_cached(
                     "INSERT INTO webhook_cursors (webhook, channel, epoch, seq) VALUES (?1, ?2, ?3, ?4)
@@ -348,7 +349,8 @@ impl StateStore for SqliteState {
                             item.channel,
                             item.epoch,
                             item.seq as i64,
-                            item.body
+                            item.body,
+                            item.replay
                         ])?;
                     }
                     for to in &e.cursors {
@@ -372,7 +374,7 @@ impl StateStore for SqliteState {
         self.with(move |c| {
             let rows = c
                 .prepare_cached(
-                    "SELECT key, channel, epoch, seq, body, attempt, next_attempt FROM webhook_outbox
+                    "SELECT key, channel, epoch, seq, body, attempt, next_attempt, replay FROM webhook_outbox
                      WHERE webhook = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
                 )?
                 .query_map(
@@ -490,6 +492,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingDelivery> {
             epoch: r.get(2)?,
             seq: r.get::<_, i64>(3)?.max(0) as u64,
             body: r.get(4)?,
+            replay: r.get(7)?,
         },
         attempt: r.get::<_, i64>(5)?.clamp(0, i64::from(u32::MAX)) as u32,
         next_attempt_ms: r.get(6)?,

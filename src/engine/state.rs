@@ -31,6 +31,9 @@ pub struct OutboxItem {
     pub seq: u64,
     /// The message JSON: the request body.
     pub body: String,
+    /// 0 for the first delivery; a replay's generation otherwise, so a replay queues the
+    /// message again even while its first delivery is still on the queue.
+    pub replay: i64,
 }
 
 /// One webhook's share of an enqueue: its new items, and where its cursors move.

@@ -123,8 +123,10 @@ struct Registry {
     feed: CommitFeed,
     events: mpsc::UnboundedSender<WorkerEvent>,
     shutdown: CancellationToken,
-    /// A copy failed or notices were dropped: every enabled webhook is caught up from history.
+    /// A copy failed or notices were dropped: every webhook is caught up from history.
     rescan_needed: bool,
+    /// The generation of the newest replay (unique, so each replay queues its own copies).
+    last_replay: i64,
 }
 
 fn lock_read(
@@ -159,6 +161,7 @@ impl Webhooks {
             events: events_tx,
             shutdown: shutdown.clone(),
             rescan_needed: false,
+            last_replay: 0,
         };
         registry.load(config_hooks).await?;
         let (commands_tx, commands_rx) = mpsc::channel(64);
@@ -456,9 +459,11 @@ impl Registry {
                         .collect();
                 }
             }
+            // Disabled webhooks keep queueing: `enable` resumes where delivery stopped, even
+            // if retention has pruned the channel's history since.
+            self.catch_up(&id).await?;
             if self.enabled(&id) {
-                self.catch_up(&id).await?;
-                self.start_worker(&id);
+                self.start_worker(&id, false);
             }
         }
         Ok(())
@@ -468,11 +473,9 @@ impl Registry {
         self.record(id).is_some_and(|r| r.disabled_reason.is_none())
     }
 
-    /// Notices are only worth making while some webhook is enabled.
+    /// Notices are only worth making while some webhook exists (disabled ones queue too).
     fn update_wanted(&self) {
-        let any = lock_read(&self.records)
-            .values()
-            .any(|r| r.disabled_reason.is_none());
+        let any = !lock_read(&self.records).is_empty();
         self.feed.set_wanted(any);
     }
 
@@ -508,11 +511,9 @@ impl Registry {
                 self.rescan_needed = false;
                 let ids: Vec<String> = self.hooks.keys().cloned().collect();
                 for id in ids {
-                    if self.enabled(&id) {
-                        if let Err(error) = self.catch_up(&id).await {
-                            tracing::warn!(webhook = %id, %error, "catching up failed; will retry");
-                            self.rescan_needed = true;
-                        }
+                    if let Err(error) = self.catch_up(&id).await {
+                        tracing::warn!(webhook = %id, %error, "catching up failed; will retry");
+                        self.rescan_needed = true;
                     }
                 }
             }
@@ -523,7 +524,9 @@ impl Registry {
         }
     }
 
-    fn start_worker(&mut self, id: &str) {
+    /// `retry_now`: pending deliveries are tried at once instead of at their scheduled retry
+    /// (enabling a webhook means its receiver is believed fixed).
+    fn start_worker(&mut self, id: &str, retry_now: bool) {
         let Some(record) = self.record(id) else {
             return;
         };
@@ -553,6 +556,7 @@ impl Registry {
             metrics: self.metrics.clone(),
             events: self.events.clone(),
             failing_since_ms: record.failing_since_ms,
+            retry_now,
         };
         let task = tokio::spawn(worker::run(ctx, inbox_rx, cancel.clone()));
         hook.worker = Some(WorkerHandle {
@@ -742,23 +746,18 @@ impl Registry {
         }
     }
 
-    /// Copies freshly committed messages into the queues of matching enabled webhooks, all in
-    /// one store transaction.
+    /// Copies freshly committed messages into the queues of matching webhooks (disabled ones
+    /// included: they resume from their queue), all in one store transaction.
     async fn copy_notices(&mut self, notices: Vec<CommitNotice>) {
         let mut batch: BTreeMap<String, Enqueue> = BTreeMap::new();
         let mut gaps: Vec<(String, ChannelName)> = Vec::new();
-        let enabled: Vec<String> = self
-            .hooks
-            .keys()
-            .filter(|id| self.enabled(id))
-            .cloned()
-            .collect();
-        let before: HashMap<String, HashMap<String, (String, Seq)>> = enabled
+        let hooks: Vec<String> = self.hooks.keys().cloned().collect();
+        let before: HashMap<String, HashMap<String, (String, Seq)>> = hooks
             .iter()
             .filter_map(|id| self.hooks.get(id).map(|h| (id.clone(), h.cursors.clone())))
             .collect();
         for notice in &notices {
-            for id in &enabled {
+            for id in &hooks {
                 let Some(hook) = self.hooks.get_mut(id) else {
                     continue;
                 };
@@ -915,7 +914,7 @@ impl Registry {
         if since.is_some() {
             self.catch_up(&id).await?;
         }
-        self.start_worker(&id);
+        self.start_worker(&id, false);
         tracing::info!(webhook = %id, url = %record.url, "webhook registered");
         Ok(())
     }
@@ -954,7 +953,7 @@ impl Registry {
             self.save(&record).await?;
             self.update_wanted();
             self.catch_up(id).await?;
-            self.start_worker(id);
+            self.start_worker(id, true);
         } else {
             if record.disabled_reason.is_some() {
                 return Ok(());
@@ -1007,6 +1006,8 @@ impl Registry {
                 "channel {channel} does not match the webhook's patterns"
             )));
         }
+        let generation = now_ms().max(self.last_replay + 1);
+        self.last_replay = generation;
         let mut after = since;
         let mut queued = 0u64;
         loop {
@@ -1022,7 +1023,10 @@ impl Registry {
             let items = page
                 .messages
                 .iter()
-                .map(|m| outbox_item(channel, page.epoch.as_str(), m))
+                .map(|m| OutboxItem {
+                    replay: generation,
+                    ..outbox_item(channel, page.epoch.as_str(), m)
+                })
                 .collect();
             self.state
                 .webhook_enqueue(vec![Enqueue {
@@ -1051,6 +1055,7 @@ fn outbox_item(
         epoch: epoch.to_owned(),
         seq: m.seq,
         body: String::from_utf8_lossy(&m.json).into_owned(),
+        replay: 0,
     }
 }
 

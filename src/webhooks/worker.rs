@@ -101,6 +101,8 @@ pub struct WorkerContext {
     pub events: mpsc::UnboundedSender<WorkerEvent>,
     /// When the current run of failures began (persisted in the webhook's record).
     pub failing_since_ms: Option<i64>,
+    /// Try what is pending at once rather than at its scheduled retry (set when re-enabled).
+    pub retry_now: bool,
 }
 
 enum Outcome {
@@ -208,7 +210,11 @@ impl Worker {
             .webhook_pending(&self.ctx.id, self.loaded_key, LOAD_PAGE)
             .await?;
         self.more_in_store = page.len() == LOAD_PAGE;
-        for p in page {
+        let now = now_ms();
+        for mut p in page {
+            if self.ctx.retry_now {
+                p.next_attempt_ms = p.next_attempt_ms.min(now);
+            }
             self.loaded_key = self.loaded_key.max(p.key);
             self.queued += 1;
             self.queues

@@ -21,3 +21,5 @@ mod jobs_schedule;
 mod shutdown;
 mod smoke;
 mod support;
+mod webhook_receiver;
+mod webhooks;
