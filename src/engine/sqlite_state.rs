@@ -73,6 +73,7 @@ impl SqliteState {
                  UNIQUE (webhook, channel, epoch, seq, replay)
              );
              CREATE INDEX IF NOT EXISTS webhook_outbox_queue ON webhook_outbox (webhook, key);
+             CREATE INDEX IF NOT EXISTS webhook_outbox_channel ON webhook_outbox (webhook, channel, key);
              CREATE TABLE IF NOT EXISTS webhook_log (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  webhook TEXT NOT NULL,
@@ -379,6 +380,39 @@ impl StateStore for SqliteState {
                 )?
                 .query_map(
                     params![webhook, after_key, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    pending_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn webhook_pending_channel(
+        &self,
+        webhook: &str,
+        channel: &str,
+        after_key: i64,
+        upto_key: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, EngineError> {
+        let webhook = webhook.to_owned();
+        let channel = channel.to_owned();
+        self.with(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT key, channel, epoch, seq, body, attempt, next_attempt, replay FROM webhook_outbox
+                     WHERE webhook = ?1 AND channel = ?2 AND key > ?3 AND key <= ?4
+                     ORDER BY key LIMIT ?5",
+                )?
+                .query_map(
+                    params![
+                        webhook,
+                        channel,
+                        after_key,
+                        upto_key,
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
                     pending_row,
                 )?
                 .collect::<Result<Vec<_>, _>>()?;

@@ -117,6 +117,16 @@ pub trait StateStore: Send + Sync + 'static {
         after_key: i64,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, EngineError>;
+    /// Queued deliveries of one channel of `webhook` with a key in `(after_key, upto_key]`, in
+    /// queue order: refills a channel whose backlog was left in the store.
+    async fn webhook_pending_channel(
+        &self,
+        webhook: &str,
+        channel: &str,
+        after_key: i64,
+        upto_key: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, EngineError>;
     async fn webhook_pending_count(&self, webhook: &str) -> Result<u64, EngineError>;
     /// Applies outcomes and appends attempt records (JSON), keeping the newest `keep_log`.
     async fn webhook_settle(

@@ -110,7 +110,7 @@ pub fn resolve(
             let key = format!("webhooks[{i}]");
             let raw: RawWebhook =
                 serde_json::from_value(raw).map_err(|e| invalid(&key, e.to_string()))?;
-            let hook = resolve_webhook(&key, raw)?;
+            let hook = resolve_webhook(&key, raw, &policy)?;
             if hooks.iter().any(|h| h.id == hook.id) {
                 return Err(invalid(key, "the same URL and channels are declared twice"));
             }
@@ -156,11 +156,15 @@ fn apply_policy(policy: &mut WebhookPolicy, raw: RawPolicy) -> Result<(), Config
     Ok(())
 }
 
-fn resolve_webhook(key: &str, raw: RawWebhook) -> Result<ConfigWebhook, ConfigError> {
-    let url = url::Url::parse(&raw.url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| invalid(format!("{key}.url"), "must be an http or https URL"))?;
+fn resolve_webhook(
+    key: &str,
+    raw: RawWebhook,
+    policy: &WebhookPolicy,
+) -> Result<ConfigWebhook, ConfigError> {
+    let url = policy
+        .hosts
+        .check_without_lookup(&raw.url)
+        .map_err(|e| invalid(format!("{key}.url"), e.to_string()))?;
     let channels =
         parse_patterns(&raw.channels).map_err(|e| invalid(format!("{key}.channels"), e))?;
     let secret = raw
@@ -291,6 +295,18 @@ mod tests {
             (
                 "[[webhooks]]\nurl = \"http://x\"\nchannels = []",
                 "webhooks[0].channels",
+            ),
+            (
+                "[[webhooks]]\nurl = \"http://x/#top\"\nchannels = [\"a\"]",
+                "webhooks[0].url",
+            ),
+            (
+                "[webhook_policy]\nallow_private = false\n[[webhooks]]\nurl = \"http://10.0.0.1/\"\nchannels = [\"a\"]",
+                "webhooks[0].url",
+            ),
+            (
+                "[webhook_policy]\ndeny_hosts = [\"*.example\"]\n[[webhooks]]\nurl = \"http://a.example/\"\nchannels = [\"a\"]",
+                "webhooks[0].url",
             ),
             (
                 "[[webhooks]]\nurl = \"http://x\"\nchannels = [\"a\"]\nsecret = \"s\"",

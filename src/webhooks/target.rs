@@ -95,7 +95,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 pub fn is_private(ip: IpAddr) -> bool {
     match canonical(ip) {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -105,7 +105,7 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0)
+                || (a == 192 && b == 0 && (c == 0 || c == 2))
                 || (a == 198 && (b == 18 || b == 19))
                 || a >= 240
         }
@@ -117,8 +117,27 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
                 || first == 0x2001 && v6.segments()[1] == 0x0db8
+                // NAT64 and 6to4 carry an IPv4 address that may be a private one.
+                || is_nat64_or_6to4_private(v6)
         }
     }
+}
+
+/// `64:ff9b::/96` (NAT64) and `2002::/16` (6to4) embed an IPv4 address; judge that one.
+fn is_nat64_or_6to4_private(v6: std::net::Ipv6Addr) -> bool {
+    let seg = v6.segments();
+    let embedded = if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
+        Some((seg[6], seg[7]))
+    } else if seg[0] == 0x2002 {
+        Some((seg[1], seg[2]))
+    } else {
+        None
+    };
+    embedded.is_some_and(|(hi, lo)| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        is_private(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
+    })
 }
 
 /// The destination rules of `[webhook_policy]`.
@@ -146,6 +165,7 @@ pub enum TargetError {
 }
 
 /// Whether a host name was decided by a rule or must be judged by its addresses.
+#[derive(PartialEq, Eq)]
 enum NameVerdict {
     Allowed,
     Denied,
@@ -177,6 +197,26 @@ impl HostPolicy {
     /// Parses and checks a webhook URL; resolves a host name to check its addresses (a name
     /// that does not resolve now is accepted: the resolver checks again at delivery).
     pub async fn check_url(&self, raw: &str) -> Result<Url, TargetError> {
+        let url = self.check_without_lookup(raw)?;
+        if let Some(url::Host::Domain(name)) = url.host() {
+            if self.judge_name(name) == NameVerdict::ByAddress {
+                let port = url.port_or_known_default().unwrap_or(80);
+                let lookup = tokio::net::lookup_host((name, port));
+                if let Ok(Ok(addrs)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), lookup).await
+                {
+                    for addr in addrs {
+                        self.check_ip(addr.ip())?;
+                    }
+                }
+            }
+        }
+        Ok(url)
+    }
+
+    /// Everything `check_url` checks but what needs a name lookup: the scheme, the host, IP
+    /// literals and host rules (also used on `[[webhooks]]` at start-up).
+    pub fn check_without_lookup(&self, raw: &str) -> Result<Url, TargetError> {
         let url =
             Url::parse(raw).map_err(|_| TargetError::NotUrl(raw.chars().take(200).collect()))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -186,31 +226,19 @@ impl HostPolicy {
             return Err(TargetError::Fragment);
         }
         match url.host() {
-            None => Err(TargetError::NoHost),
-            Some(url::Host::Ipv4(ip)) => self.check_ip_host(IpAddr::V4(ip)).map(|_| url.clone()),
-            Some(url::Host::Ipv6(ip)) => self.check_ip_host(IpAddr::V6(ip)).map(|_| url.clone()),
+            None => return Err(TargetError::NoHost),
+            Some(url::Host::Ipv4(ip)) => self.check_ip_host(IpAddr::V4(ip))?,
+            Some(url::Host::Ipv6(ip)) => self.check_ip_host(IpAddr::V6(ip))?,
             Some(url::Host::Domain(name)) => {
                 if name.is_empty() {
                     return Err(TargetError::NoHost);
                 }
-                match self.judge_name(name) {
-                    NameVerdict::Denied => Err(TargetError::Denied(name.to_owned())),
-                    NameVerdict::Allowed => Ok(url.clone()),
-                    NameVerdict::ByAddress => {
-                        let port = url.port_or_known_default().unwrap_or(80);
-                        let lookup = tokio::net::lookup_host((name, port));
-                        if let Ok(Ok(addrs)) =
-                            tokio::time::timeout(std::time::Duration::from_secs(5), lookup).await
-                        {
-                            for addr in addrs {
-                                self.check_ip(addr.ip())?;
-                            }
-                        }
-                        Ok(url.clone())
-                    }
+                if self.judge_name(name) == NameVerdict::Denied {
+                    return Err(TargetError::Denied(name.to_owned()));
                 }
             }
         }
+        Ok(url)
     }
 
     /// An IP literal in a URL: names in `deny_hosts`/`allow_hosts` may also list it.
@@ -327,10 +355,19 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::",
+            "192.0.0.8",
+            "192.0.2.1",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::",
         ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "2606:4700::1111"] {
+        for ip in [
+            "8.8.8.8",
+            "2606:4700::1111",
+            "192.0.32.10",
+            "64:ff9b::808:808",
+        ] {
             assert!(!is_private(ip.parse().unwrap()), "{ip}");
         }
         let suffix = HostRule::parse("*.example.org").unwrap();

@@ -3,7 +3,8 @@
 //! records every attempt. Outcomes reach the store in small batches: a crash before a batch
 //! is written means a re-send, never a loss (at-least-once).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,13 @@ use crate::metrics::Metrics;
 
 /// Channels of one webhook with a request in flight at once.
 const MAX_IN_FLIGHT: usize = 16;
-/// Queue entries held in memory; more wait in the store.
+/// Queue entries read from the store at once.
 const LOAD_PAGE: usize = 2_000;
+/// Entries of one channel held in memory; the rest of its backlog stays in the store, so a
+/// channel that is stuck on its retries never keeps the others from being read.
+const CHANNEL_CAP: usize = 64;
+/// Entries held in memory in all (a bound on memory when every channel is stuck).
+const TOTAL_CAP: usize = 20_000;
 /// How long outcomes may wait before they are written (they are written sooner when many).
 const SETTLE_DELAY: Duration = Duration::from_millis(25);
 const SETTLE_BATCH: usize = 256;
@@ -105,6 +111,16 @@ pub struct WorkerContext {
     pub retry_now: bool,
 }
 
+impl WorkerContext {
+    /// A loaded entry, made due now when the webhook was just re-enabled.
+    fn due(&self, mut p: PendingDelivery) -> PendingDelivery {
+        if self.retry_now {
+            p.next_attempt_ms = p.next_attempt_ms.min(now_ms());
+        }
+        p
+    }
+}
+
 enum Outcome {
     Success,
     Failure {
@@ -121,10 +137,24 @@ struct AttemptDone {
     outcome: Outcome,
 }
 
+/// One channel's share of the queue held in memory.
+#[derive(Default)]
+struct ChannelQueue {
+    items: VecDeque<PendingDelivery>,
+    /// Entries of this channel above this key (up to the worker's `loaded_key`) were left in
+    /// the store when the channel was full; they are read back as it drains.
+    spilled_after: Option<i64>,
+}
+
 struct Worker {
     ctx: WorkerContext,
-    queues: BTreeMap<String, VecDeque<PendingDelivery>>,
+    queues: BTreeMap<String, ChannelQueue>,
+    /// Entries in `queues`.
     queued: usize,
+    /// Channels to read back from the store (drained below half of `CHANNEL_CAP`).
+    refill: BTreeSet<String>,
+    /// The channel whose attempt started last: the next round starts after it.
+    started_last: Option<String>,
     in_flight: HashSet<String>,
     loaded_key: i64,
     more_in_store: bool,
@@ -143,6 +173,8 @@ pub async fn run(
         ctx,
         queues: BTreeMap::new(),
         queued: 0,
+        refill: BTreeSet::new(),
+        started_last: None,
         in_flight: HashSet::new(),
         loaded_key: 0,
         more_in_store: true,
@@ -153,7 +185,7 @@ pub async fn run(
     let mut attempts: JoinSet<AttemptDone> = JoinSet::new();
     let mut load_retry: Option<tokio::time::Instant> = None;
     loop {
-        if w.more_in_store && w.queued < LOAD_PAGE / 2 && load_retry.is_none() {
+        if load_retry.is_none() && (w.wants_page() || !w.refill.is_empty()) {
             if let Err(error) = w.load().await {
                 tracing::warn!(webhook = %w.ctx.id, %error, "cannot read the webhook queue; retrying");
                 load_retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
@@ -203,37 +235,101 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 impl Worker {
+    /// Another page is worth reading while little of what is in memory can be sent now.
+    fn wants_page(&self) -> bool {
+        if !self.more_in_store || self.queued >= TOTAL_CAP {
+            return false;
+        }
+        let now = now_ms();
+        let ready: usize = self
+            .queues
+            .values()
+            .filter(|q| q.items.front().is_some_and(|h| h.next_attempt_ms <= now))
+            .map(|q| q.items.len())
+            .sum();
+        ready < LOAD_PAGE / 2
+    }
+
     async fn load(&mut self) -> Result<(), crate::engine::EngineError> {
+        while let Some(channel) = self.refill.first().cloned() {
+            self.refill_channel(&channel).await?;
+            self.refill.remove(&channel);
+        }
+        if !self.wants_page() {
+            return Ok(());
+        }
         let page = self
             .ctx
             .state
             .webhook_pending(&self.ctx.id, self.loaded_key, LOAD_PAGE)
             .await?;
         self.more_in_store = page.len() == LOAD_PAGE;
-        let now = now_ms();
-        for mut p in page {
-            if self.ctx.retry_now {
-                p.next_attempt_ms = p.next_attempt_ms.min(now);
-            }
+        for p in page {
             self.loaded_key = self.loaded_key.max(p.key);
-            self.queued += 1;
-            self.queues
-                .entry(p.item.channel.clone())
-                .or_default()
-                .push_back(p);
+            let queue = self.queues.entry(p.item.channel.clone()).or_default();
+            if queue.spilled_after.is_none() && queue.items.len() < CHANNEL_CAP {
+                queue.items.push_back(self.ctx.due(p));
+                self.queued += 1;
+            } else if queue.spilled_after.is_none() {
+                queue.spilled_after = queue.items.back().map(|last| last.key);
+            }
         }
         Ok(())
     }
 
-    /// Starts an attempt for every channel whose head is due; returns when the next one is.
+    /// Reads back the part of a channel's backlog that was left in the store.
+    async fn refill_channel(&mut self, channel: &str) -> Result<(), crate::engine::EngineError> {
+        let Some(after) = self.queues.get(channel).and_then(|q| q.spilled_after) else {
+            return Ok(());
+        };
+        let rows = self
+            .ctx
+            .state
+            .webhook_pending_channel(&self.ctx.id, channel, after, self.loaded_key, CHANNEL_CAP)
+            .await?;
+        let Some(queue) = self.queues.get_mut(channel) else {
+            return Ok(());
+        };
+        queue.spilled_after = if rows.len() == CHANNEL_CAP {
+            rows.last().map(|r| r.key)
+        } else {
+            None
+        };
+        self.queued += rows.len();
+        for p in rows {
+            queue.items.push_back(self.ctx.due(p));
+        }
+        if queue.items.is_empty() && queue.spilled_after.is_none() {
+            self.queues.remove(channel);
+        }
+        Ok(())
+    }
+
+    /// Starts an attempt for every channel whose head is due, taking channels in turn from
+    /// where the last round stopped; returns when the next head is due.
     fn start_due(&mut self, attempts: &mut JoinSet<AttemptDone>) -> Option<tokio::time::Instant> {
         let now = now_ms();
         let mut next_due: Option<i64> = None;
-        for (channel, queue) in &self.queues {
+        // Channels after the one started last, then from the first up to it.
+        let (after, upto) = match &self.started_last {
+            Some(last) => (
+                self.queues
+                    .range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded)),
+                Some(
+                    self.queues
+                        .range::<str, _>((Bound::Unbounded, Bound::Included(last.as_str()))),
+                ),
+            ),
+            None => (self.queues.range::<str, _>(..), None),
+        };
+        let mut started_last = None;
+        for (channel, queue) in after.chain(upto.into_iter().flatten()) {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
                 break;
             }
-            let Some(head) = queue.front() else { continue };
+            let Some(head) = queue.items.front() else {
+                continue;
+            };
             if self.in_flight.contains(channel) {
                 continue;
             }
@@ -243,6 +339,7 @@ impl Worker {
                 continue;
             }
             self.in_flight.insert(channel.clone());
+            started_last = Some(channel.clone());
             attempts.spawn(attempt(
                 self.ctx.client.clone(),
                 self.ctx.url.clone(),
@@ -250,6 +347,9 @@ impl Worker {
                 self.ctx.signing.clone(),
                 head.clone(),
             ));
+        }
+        if started_last.is_some() {
+            self.started_last = started_last;
         }
         next_due.map(|ms| {
             tokio::time::Instant::now()
@@ -263,7 +363,7 @@ impl Worker {
         let Some(queue) = self.queues.get_mut(&done.channel) else {
             return false;
         };
-        let Some(head) = queue.front_mut() else {
+        let Some(head) = queue.items.front_mut() else {
             return false;
         };
         let now = now_ms();
@@ -288,7 +388,7 @@ impl Worker {
             Outcome::Success => {
                 count(&self.ctx.metrics, "success");
                 self.settles.push(Settle::Done { key: head.key });
-                queue.pop_front();
+                queue.items.pop_front();
                 self.queued -= 1;
                 if self.ctx.failing_since_ms.take().is_some() {
                     report(
@@ -333,7 +433,7 @@ impl Worker {
                 } else {
                     count(&self.ctx.metrics, "exhausted");
                     self.settles.push(Settle::Done { key: head.key });
-                    queue.pop_front();
+                    queue.items.pop_front();
                     self.queued -= 1;
                     report(
                         &self.ctx,
@@ -359,7 +459,9 @@ impl Worker {
                 );
             }
         }
-        if queue.is_empty() {
+        if queue.spilled_after.is_some() && queue.items.len() < CHANNEL_CAP / 2 {
+            self.refill.insert(done.channel.clone());
+        } else if queue.items.is_empty() && queue.spilled_after.is_none() {
             self.queues.remove(&done.channel);
         }
         if let Ok(json) = serde_json::to_string(&record) {

@@ -590,6 +590,62 @@ async fn a_failing_channel_waits_while_other_channels_and_webhooks_flow() {
 }
 
 #[tokio::test]
+async fn a_long_backlog_on_one_channel_never_holds_up_another() {
+    let rx = Receiver::start().await;
+    let s = start_with_policy(policy(&["1h"], "")).await;
+    let (id, _) = register(&s, &rx.url("/hook"), &["slow:*", "fast:*"]).await;
+    rx.script(|d: &Delivery| {
+        if d.channel() == "slow:a" {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    // 2,500 messages stuck behind a failing first one (in batches of 500).
+    for batch in 0..5 {
+        let messages: Vec<Value> = (0..500)
+            .map(|i| json!({"data": {"n": batch * 500 + i}}))
+            .collect();
+        let (status, body) = s
+            .post("/api/channels/slow:a/messages", Value::Array(messages))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    wait_for("the backlog to be queued", || async {
+        (webhook(&s, &id).await["pending"] == 2500).then_some(())
+    })
+    .await;
+    publish_ok(&s, "fast:a", json!("go")).await;
+    let ok = rx.wait_ok("/hook", 1).await;
+    assert_eq!(ok[0].channel(), "fast:a");
+    assert_eq!(
+        rx.deliveries()
+            .iter()
+            .filter(|d| d.channel() == "slow:a")
+            .count(),
+        1,
+        "slow:a waits for its retry"
+    );
+    // The backlog drains in order once the channel recovers (enable retries at once). Wait
+    // until the hub has recorded fast:a's success: disabling while its answer is on the way
+    // would (rightly, at-least-once) send it again.
+    wait_for("fast:a settled", || async {
+        (webhook(&s, &id).await["pending"] == 2500).then_some(())
+    })
+    .await;
+    rx.script(|_: &Delivery| Reply::Status(200));
+    s.post(&format!("/api/webhooks/{id}/disable"), json!({}))
+        .await;
+    s.post(&format!("/api/webhooks/{id}/enable"), json!({}))
+        .await;
+    let all = rx.wait_ok("/hook", 2501).await;
+    assert_eq!(
+        seqs_of(&all, "/hook", "slow:a"),
+        (1..=2500).collect::<Vec<u64>>()
+    );
+}
+
+#[tokio::test]
 async fn an_exhausted_schedule_is_recorded_as_failed_and_the_next_message_proceeds() {
     let rx = Receiver::start().await;
     let s = start_with_policy(policy(&["50ms", "50ms"], "")).await;
@@ -691,7 +747,11 @@ async fn gone_disables_and_enable_resumes_where_delivery_stopped() {
         1,
         "nothing was sent while disabled"
     );
-    wait_state(&s, &id, "active").await;
+    wait_for("all settled and active", || async {
+        let w = webhook(&s, &id).await;
+        (w["pending"] == 0 && w["state"] == "active").then_some(())
+    })
+    .await;
 
     // Disable by hand: held; enable: resumes.
     let (status, d) = s
