@@ -99,5 +99,7 @@ run_case fanout-ws1000-paced100 full fanout --subscribers 1000 --messages 1000 -
 run_case fanout-sse100-max full fanout --transport sse --subscribers 100 --messages 5000 --size 100 --timeout 120
 # One closed-loop publisher bounds the case above (its ack latency); four show the hub's capacity.
 run_case fanout-sse100-max-4pub full fanout --transport sse --subscribers 100 --messages 10000 --size 100 --publishers 4 --timeout 120
+run_case webhooks-16ch full webhooks --messages 20000 --channels 16 --size 100 --timeout 120
+run_case webhooks-1ch full webhooks --messages 5000 --channels 1 --size 100 --timeout 120
 
 echo "results in $OUT"

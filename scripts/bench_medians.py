@@ -67,6 +67,23 @@ FANOUT = [
     ("cpu1 busy", "machine_busy.cpu1"),
 ]
 
+WEBHOOKS = [
+    ("deliveries/s", "deliveries_per_s"),
+    ("delivered", "delivered"),
+    ("acked", "acked"),
+    ("dup", "duplicates"),
+    ("ooo", "out_of_order"),
+    ("bad signatures", "bad_signatures"),
+    ("publish s", "publish_s"),
+    ("p50 µs", "latency.p50_us"),
+    ("p99 µs", "latency.p99_us"),
+    ("hub µs CPU/delivery", "hub.cpu_us_per_delivery"),
+    ("hub cores", "hub.cpu_busy"),
+    ("hub peak RSS MiB", "hub.rss_kib_peak"),
+    ("cpu0 busy", "machine_busy.cpu0"),
+    ("cpu1 busy", "machine_busy.cpu1"),
+]
+
 
 def other_load(report):
     """Cores busy with anything but the hub and the load generator during the run."""
@@ -107,7 +124,7 @@ def main():
         reports = sorted(runs[case], key=lambda r: other_load(r) or 0.0)
         used = reports[:cleanest] if cleanest else reports
         rest = reports[len(used):]
-        columns = PUBLISH if reports[0].get("scenario") == "publish" else FANOUT
+        columns = {"publish": PUBLISH, "webhooks": WEBHOOKS}.get(reports[0].get("scenario"), FANOUT)
         title = f"median of the {len(used)} quietest of {len(reports)} runs" if rest else f"median of {len(used)}"
         print(f"\n### {case} ({title})\n")
         print("| metric | median | runs used | other runs |")

@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod procstat;
 pub mod publish;
 pub mod stats;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,9 @@ pub enum Scenario {
     /// Many subscribers on one channel and one publisher: deliveries/s, loss, order and
     /// publish-to-delivery latency.
     Fanout(fanout::FanoutArgs),
+    /// A webhook to a receiver this process runs on loopback: deliveries/s, order, signatures
+    /// and publish-to-receipt latency.
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 /// Options every scenario takes.
@@ -117,6 +121,7 @@ pub async fn run(server: &str, key: Option<String>, scenario: Scenario) -> Resul
     let common = match &scenario {
         Scenario::Publish(a) => a.common.clone(),
         Scenario::Fanout(a) => a.common.clone(),
+        Scenario::Webhooks(a) => a.common.clone(),
     };
     if common.timeout == 0 {
         return Err(BenchError::Usage(
@@ -146,6 +151,7 @@ pub async fn run(server: &str, key: Option<String>, scenario: Scenario) -> Resul
     let report = match scenario {
         Scenario::Publish(args) => publish::run(&ctx, args).await?,
         Scenario::Fanout(args) => fanout::run(&ctx, args).await?,
+        Scenario::Webhooks(args) => webhooks::run(&ctx, args).await?,
     };
     println!("{}", report.json);
     eprintln!("{}", report.summary);

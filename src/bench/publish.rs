@@ -39,11 +39,11 @@ pub struct PublishArgs {
 
 /// What one publisher did.
 #[derive(Default)]
-struct Tally {
-    acked: u64,
+pub(super) struct Tally {
+    pub(super) acked: u64,
     requests: u64,
     errors: BTreeMap<String, u64>,
-    first_error: Option<String>,
+    pub(super) first_error: Option<String>,
 }
 
 impl Tally {
@@ -209,20 +209,21 @@ pub async fn run(ctx: &Ctx, args: PublishArgs) -> Result<Report, BenchError> {
     })
 }
 
-struct Publisher {
-    target: Arc<super::conn::Target>,
-    path: Arc<str>,
-    pad: Arc<str>,
-    batch: u64,
-    latency: Arc<Histogram>,
-    epoch: Instant,
-    deadline: Instant,
+/// One closed-loop publisher (also drives the webhooks scenario).
+pub(super) struct Publisher {
+    pub(super) target: Arc<super::conn::Target>,
+    pub(super) path: Arc<str>,
+    pub(super) pad: Arc<str>,
+    pub(super) batch: u64,
+    pub(super) latency: Arc<Histogram>,
+    pub(super) epoch: Instant,
+    pub(super) deadline: Instant,
 }
 
 impl Publisher {
     /// Publishes `share` messages, one request at a time. A failed request's messages are
     /// counted as errors and not retried, so the loop runs at most `share` requests.
-    async fn run(self, mut conn: HttpConn, share: u64) -> Tally {
+    pub(super) async fn run(self, mut conn: HttpConn, share: u64) -> Tally {
         let mut tally = Tally::default();
         let mut body = String::with_capacity((self.pad.len() + 64) * self.batch as usize);
         let mut left = share;
