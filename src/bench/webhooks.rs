@@ -356,8 +356,8 @@ pub async fn run(ctx: &Ctx, args: WebhooksArgs) -> Result<Report, BenchError> {
     let rate = unique as f64 / end_to_end.as_secs_f64().max(1e-9);
     let lat = receiver.latency.summary();
     // CPU is measured from before publishing: it includes the hub's publish work (batched).
-    let server_usage = super::usage(server0.clone(), server0, server2);
-    let loadgen_usage = super::usage(me0.clone(), me0, me2);
+    let server_usage = super::usage(server0, server0, server2);
+    let loadgen_usage = super::usage(me0, me0, me2);
     let json = json!({
         "scenario": "webhooks",
         "server": ctx.target.url(""),
