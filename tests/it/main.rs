@@ -5,6 +5,7 @@
 
 mod auth;
 mod bad_input;
+mod bench;
 mod channels_api;
 mod cli;
 mod feed_server;
