@@ -140,6 +140,27 @@ pub trait StateStore: Send + Sync + 'static {
     async fn webhook_log(&self, webhook: &str, limit: usize) -> Result<Vec<String>, EngineError>;
     /// Drops a webhook's queue, cursors and attempt records.
     async fn webhook_forget(&self, webhook: &str) -> Result<(), EngineError>;
+
+    /// Takes or renews the cluster-wide lease `name` for `holder` for `ttl_ms`; true when
+    /// `holder` holds it afterwards. Work that one node at a time may do (a webhook's
+    /// deliveries, a feed's polls, a job's single-flight slot) runs only under its lease, and
+    /// a node that dies loses it when the time runs out. A one-node store grants every lease.
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, EngineError> {
+        let _ = (name, holder, ttl_ms);
+        Ok(true)
+    }
+    /// Gives the lease up if `holder` holds it, so another node may take it at once.
+    async fn release(&self, name: &str, holder: &str) -> Result<(), EngineError> {
+        let _ = (name, holder);
+        Ok(())
+    }
+    /// Claims a one-time event such as one scheduled tick of a job: true for the first node
+    /// that claims `name` within `ttl_ms`, false for every other. A one-node store always
+    /// answers true.
+    async fn claim_once(&self, name: &str, ttl_ms: i64) -> Result<bool, EngineError> {
+        let _ = (name, ttl_ms);
+        Ok(true)
+    }
 }
 
 /// Typed helpers over the JSON documents.
