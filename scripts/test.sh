@@ -16,6 +16,8 @@ command -v kill >/dev/null 2>&1 || need_pkgs+=(procps)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
+# The Redis engine's tests start a real redis-server on a loopback port (no persistence).
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 # Headless Chromium and its WebDriver for the browser tests (tests/browser); never a download.
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_pkgs+=(chromium-driver)

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineChoice};
+use crate::engine::redis::{RedisEngine, RedisOptions};
+use crate::engine::redis_state::RedisState;
 use crate::engine::sqlite::{SqliteEngine, SqliteOptions};
 use crate::engine::sqlite_state::SqliteState;
 use crate::engine::state::StateStore;
@@ -28,8 +30,6 @@ use crate::webhooks::{Webhooks, WebhooksContext};
 pub enum StartError {
     #[error("refusing to listen on {0} without [auth] api_keys: anyone could publish and read. Set auth.api_keys, or pass --insecure to accept that")]
     InsecureListen(String),
-    #[error("the Redis engine is not available in this build yet; use the embedded engine")]
-    RedisUnavailable,
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("cannot listen on {addr}: {source}")]
@@ -38,6 +38,9 @@ pub enum StartError {
         source: std::io::Error,
     },
 }
+
+/// Every Redis key Tidings writes starts with this.
+const REDIS_PREFIX: &str = "tidings:";
 
 /// How often retention is enforced (the spec allows 10 s).
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -93,12 +96,24 @@ pub async fn run(
             live.clone(),
             metrics.clone(),
         )?),
-        EngineChoice::Redis(_) => return Err(StartError::RedisUnavailable),
+        EngineChoice::Redis(url) => {
+            RedisEngine::connect(
+                &RedisOptions {
+                    url: url.clone(),
+                    prefix: REDIS_PREFIX.to_owned(),
+                    dedupe_window_ms: i64::try_from(config.dedupe_window.as_millis())
+                        .unwrap_or(i64::MAX),
+                },
+                live.clone(),
+                metrics.clone(),
+            )
+            .await?
+        }
     };
     let hub = Arc::new(Hub::new(engine.clone(), live, retention, metrics.clone()));
     let state: Arc<dyn StateStore> = match &config.engine {
         EngineChoice::Embedded => Arc::new(SqliteState::open(&config.data)?),
-        EngineChoice::Redis(_) => return Err(StartError::RedisUnavailable),
+        EngineChoice::Redis(url) => Arc::new(RedisState::connect(url, REDIS_PREFIX).await?),
     };
     let run_token_key = state.secret("run_tokens").await?;
     let local = listener.local_addr().ok();

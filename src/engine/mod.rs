@@ -4,6 +4,10 @@
 //! a [`LiveSink`] in seq order, so live delivery never runs ahead of durability. The hub knows
 //! nothing about SQL or Redis; engines know nothing about transports.
 
+pub mod redis;
+pub mod redis_state;
+#[cfg(test)]
+pub mod redis_testing;
 pub mod sqlite;
 pub mod sqlite_state;
 pub mod state;
@@ -24,6 +28,34 @@ pub enum EngineError {
 impl From<rusqlite::Error> for EngineError {
     fn from(e: rusqlite::Error) -> Self {
         EngineError::Internal(e.to_string())
+    }
+}
+
+/// Connection trouble (refused, dropped, timed out, authentication, a server still loading or
+/// read-only) is `Unavailable`; anything else (a script or type error) is `Internal`.
+impl From<::redis::RedisError> for EngineError {
+    fn from(e: ::redis::RedisError) -> Self {
+        use ::redis::{ErrorKind, ServerErrorKind};
+        let unavailable = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::AuthenticationFailed
+                    | ErrorKind::Server(
+                        ServerErrorKind::BusyLoading
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::ClusterDown
+                            | ServerErrorKind::ReadOnly
+                    )
+            );
+        if unavailable {
+            EngineError::Unavailable(format!("redis: {e}"))
+        } else {
+            EngineError::Internal(format!("redis: {e}"))
+        }
     }
 }
 
@@ -60,6 +92,11 @@ pub trait LiveSink: Send + Sync + 'static {
     fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]);
     /// The channel's history was dropped; `epoch` is the new one and seq restarts at 1.
     fn reset(&self, channel: &ChannelName, epoch: &Epoch);
+    /// Channels someone is waiting on, with the epoch and newest seq the sink holds: an engine
+    /// whose notices can be lost (Redis pub/sub across a reconnect) catches these up.
+    fn watched(&self) -> Vec<(ChannelName, Option<Epoch>, Seq)> {
+        Vec::new()
+    }
 }
 
 #[async_trait]

@@ -141,6 +141,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// Drops a webhook's queue, cursors and attempt records.
     async fn webhook_forget(&self, webhook: &str) -> Result<(), EngineError>;
 
+    /// Whether other nodes share this store (the Redis store): then jobs, feeds and webhooks
+    /// coordinate through leases and claims, and reload what other nodes add or change. A
+    /// one-node store answers false, and everything behaves as on a single node.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Takes or renews the cluster-wide lease `name` for `holder` for `ttl_ms`; true when
     /// `holder` holds it afterwards. Work that one node at a time may do (a webhook's
     /// deliveries, a feed's polls, a job's single-flight slot) runs only under its lease, and

@@ -275,6 +275,18 @@ impl LiveSink for Live {
             c.reset(epoch);
         }
     }
+
+    fn watched(&self) -> Vec<(ChannelName, Option<Epoch>, Seq)> {
+        self.map()
+            .iter()
+            .filter(|(_, c)| c.subscriber_count() > 0)
+            .map(|(name, c)| {
+                let w = c.lock();
+                let last = w.messages.back().map_or(0, |m| m.seq);
+                (name.clone(), w.epoch.clone(), last)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 mod auth;
 mod bad_input;
 mod bench;
+mod cluster;
 mod channels_api;
 mod cli;
 mod feed_server;
@@ -21,6 +22,7 @@ mod jobs_isolation;
 mod jobs_schedule;
 mod shutdown;
 mod smoke;
+mod redis_support;
 mod support;
 mod webhook_receiver;
 mod webhooks;
