@@ -25,6 +25,8 @@ pub struct Metrics {
     /// (retries used up, recorded as failed), gone (410: the webhook was disabled).
     pub webhook_deliveries: Family<TransportLabel, Counter>,
     pub webhook_latency: Histogram,
+    /// 1 while the store answers, 0 while it is unreachable (the Redis engine sets it).
+    pub store_up: Gauge,
 }
 
 /// Labels whose values are only known at run time (job and feed names).
@@ -51,6 +53,13 @@ impl Default for Metrics {
             "connections",
             "Open client connections",
             connections.clone(),
+        );
+        let store_up = Gauge::default();
+        store_up.set(1);
+        registry.register(
+            "store_up",
+            "1 while the message store answers, 0 while it is unreachable",
+            store_up.clone(),
         );
         let subscriptions = Gauge::default();
         registry.register(
@@ -132,6 +141,7 @@ impl Default for Metrics {
             feed_polls,
             webhook_deliveries,
             webhook_latency,
+            store_up,
         }
     }
 }

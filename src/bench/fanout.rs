@@ -66,6 +66,10 @@ pub struct FanoutArgs {
     /// The channel name starts with this; each run adds a unique id.
     #[arg(long, default_value = "bench:")]
     pub channel_prefix: String,
+    /// Publish through this hub instead of `--server` (another node of a Redis cluster), so
+    /// the deliveries measured crossed from one node to the other.
+    #[arg(long)]
+    pub publish_server: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -658,8 +662,12 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     let machine1 = MachineSample::now();
 
     // Phase 2: publish (unless nobody could subscribe), while subscribers receive.
+    let publish_target = match &args.publish_server {
+        Some(url) => Arc::new(super::conn::Target::resolve(url, ctx.target.key.clone()).await?),
+        None => ctx.target.clone(),
+    };
     let publisher = Arc::new(Publisher {
-        target: ctx.target.clone(),
+        target: publish_target,
         path: format!("/api/channels/{channel}/messages"),
         pad,
         epoch: ctx.epoch,
@@ -758,6 +766,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         "channel": channel,
         "params": {
             "subscribers": args.subscribers,
+            "publish_server": args.publish_server,
             "messages": args.messages,
             "size": args.size,
             "rate": args.rate,

@@ -142,13 +142,15 @@ return ARGV[1]
 "#;
 
 /// Whether this node can talk to Redis, as last seen.
-#[derive(Default)]
 pub struct RedisHealth {
     down: AtomicBool,
+    /// `tidings_store_up`.
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl RedisHealth {
     fn set(&self, up: bool) {
+        self.gauge.set(i64::from(up));
         let was_down = self.down.swap(!up, Ordering::Relaxed);
         if up && was_down {
             tracing::info!("Redis is reachable again");
@@ -205,7 +207,10 @@ impl RedisEngine {
             dedupe_window_ms: options.dedupe_window_ms.max(1),
             publish: Script::new(PUBLISH_LUA),
             delete: Script::new(DELETE_LUA),
-            health: Arc::new(RedisHealth::default()),
+            health: Arc::new(RedisHealth {
+                down: AtomicBool::new(false),
+                gauge: metrics.store_up.clone(),
+            }),
             metrics,
             stop: CancellationToken::new(),
             listener: std::sync::Mutex::new(None),

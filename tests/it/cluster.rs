@@ -259,10 +259,16 @@ async fn redis_down_answers_503_and_a_restart_with_aof_loses_nothing_acknowledge
     .await;
     let (status, answer) = b.publish("aof:2", json!({"data": 1})).await;
     assert_eq!(status, 503, "{answer}");
+    let up = crate::guarantees::metric(&a, "tidings_store_up", None).await;
+    assert_eq!(up, 0.0, "the store-up gauge says Redis is down");
     redis.restart();
     wait_for("health back", || async {
         let (status, _) = a.get("/healthz").await;
         (status == 200).then_some(())
+    })
+    .await;
+    wait_for("the gauge back at 1", || async {
+        (crate::guarantees::metric(&a, "tidings_store_up", None).await == 1.0).then_some(())
     })
     .await;
     let _ = stop_tx.send(true);
