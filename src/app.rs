@@ -116,6 +116,7 @@ pub async fn run(
         EngineChoice::Redis(url) => Arc::new(RedisState::connect(url, REDIS_PREFIX).await?),
     };
     let run_token_key = state.secret("run_tokens").await?;
+    let node = crate::cluster::NodeId::generate();
     let local = listener.local_addr().ok();
     let jobs_shutdown = CancellationToken::new();
     let (jobs, job_tasks) = Jobs::start(
@@ -127,6 +128,7 @@ pub async fn run(
             runs_total: metrics.job_runs.clone(),
             skipped_ticks_total: metrics.job_skipped_ticks.clone(),
             max_concurrent_runs: config.max_concurrent_runs,
+            node: node.clone(),
         },
         config.jobs.clone(),
         jobs_shutdown.clone(),
@@ -139,6 +141,7 @@ pub async fn run(
             dedupe_window: config.dedupe_window,
             polls_total: metrics.feed_polls.clone(),
             fetch_timeout: config.feed_timeout,
+            node: node.clone(),
         },
         config.feeds.clone(),
         shutdown.clone(),
@@ -152,6 +155,7 @@ pub async fn run(
             state: state.clone(),
             metrics: metrics.clone(),
             feed,
+            node,
         },
         config.webhook_policy.clone(),
         config.webhooks.clone(),

@@ -419,23 +419,25 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// One stream entry: (seq, time, id, json).
-fn entry(v: &Value) -> Option<(Seq, i64, String, Bytes)> {
+/// One stream entry: (seq, time, id, json); takes the entry apart without copying the JSON.
+fn entry(v: Value) -> Option<(Seq, i64, String, Bytes)> {
     let Value::Array(parts) = v else { return None };
-    let [id, Value::Array(fields)] = parts.as_slice() else {
+    let mut parts = parts.into_iter();
+    let (Some(id), Some(Value::Array(fields)), None) = (parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
-    let id = text(id)?;
+    let id = text(&id)?;
     let seq: Seq = id.split('-').next()?.parse().ok()?;
     let (mut time, mut mid, mut json) = (None, None, None);
-    for pair in fields.chunks(2) {
-        let [k, v] = pair else { continue };
-        match text(k)?.as_str() {
-            "t" => time = int(v),
-            "i" => mid = text(v),
+    let mut fields = fields.into_iter();
+    while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+        match text(&k)?.as_str() {
+            "t" => time = int(&v),
+            "i" => mid = text(&v),
             "j" => {
                 if let Value::BulkString(b) = v {
-                    json = Some(Bytes::from(b.clone()));
+                    json = Some(Bytes::from(b));
                 }
             }
             _ => {}
@@ -539,8 +541,9 @@ impl Engine for RedisEngine {
         'outer: loop {
             let Value::Array(entries) = chunk else { break };
             let full = entries.len() >= fetch;
+            let entries: Vec<Value> = entries;
             let mut last_seen = None;
-            for raw in &entries {
+            for raw in entries {
                 let Some((seq, time, id, json)) = entry(raw) else {
                     continue;
                 };
@@ -669,7 +672,7 @@ impl Engine for RedisEngine {
                     .map_err(|e| self.seen(e))?;
                 let Value::Array(entries) = chunk else { break };
                 let parsed: Vec<(Seq, i64)> = entries
-                    .iter()
+                    .into_iter()
                     .filter_map(entry)
                     .map(|(seq, time, _, _)| (seq, time))
                     .collect();
@@ -758,7 +761,7 @@ async fn listen(
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             m = messages.next() => match m {
-                                Some(m) => deliver(sink.as_ref(), m.get_payload_bytes()),
+                                Some(m) => deliver(sink.as_ref(), Bytes::copy_from_slice(m.get_payload_bytes())),
                                 None => break,
                             },
                         }
@@ -782,10 +785,10 @@ async fn listen(
 }
 
 /// Parses one notice (see the scripts) and hands it to the sink; a malformed one is ignored.
-fn deliver(sink: &dyn LiveSink, payload: &[u8]) {
+fn deliver(sink: &dyn LiveSink, payload: Bytes) {
     match payload.split_first() {
-        Some((b'M', rest)) => {
-            if let Some((channel, epoch, messages)) = parse_commit(rest) {
+        Some((b'M', _)) => {
+            if let Some((channel, epoch, messages)) = parse_commit(payload.slice(1..)) {
                 sink.committed(&channel, &epoch, &messages);
             }
         }
@@ -801,7 +804,8 @@ fn deliver(sink: &dyn LiveSink, payload: &[u8]) {
     }
 }
 
-fn parse_commit(rest: &[u8]) -> Option<(ChannelName, Epoch, Vec<SharedMessage>)> {
+/// The messages' JSON are slices of the one notice buffer (no copy per message).
+fn parse_commit(rest: Bytes) -> Option<(ChannelName, Epoch, Vec<SharedMessage>)> {
     let header_end = rest.iter().position(|b| *b == b'\n')?;
     let header = std::str::from_utf8(&rest[..header_end]).ok()?;
     let mut fields = header.split('\t');
@@ -822,7 +826,10 @@ fn parse_commit(rest: &[u8]) -> Option<(ChannelName, Epoch, Vec<SharedMessage>)>
         let json_start = id_start.checked_add(id_len)?;
         let json_end = json_start.checked_add(json_len)?;
         let id = std::str::from_utf8(rest.get(id_start..json_start)?).ok()?;
-        let json = Bytes::copy_from_slice(rest.get(json_start..json_end)?);
+        if json_end > rest.len() {
+            return None;
+        }
+        let json = rest.slice(json_start..json_end);
         messages.push(Arc::new(Message::new(
             channel.clone(),
             seq,
@@ -858,9 +865,10 @@ mod tests {
         let json = b"{\"x\":1}";
         let mut payload = b"Ma:b\tAbCdEf12\t5\t1\n7\t2\t7\nid".to_vec();
         payload.extend_from_slice(json);
-        let (c, _, messages) = parse_commit(&payload[1..]).unwrap_or_else(|| {
-            panic!("parse {:?}", String::from_utf8_lossy(&payload));
-        });
+        let (c, _, messages) =
+            parse_commit(Bytes::from(payload[1..].to_vec())).unwrap_or_else(|| {
+                panic!("parse {:?}", String::from_utf8_lossy(&payload));
+            });
         assert_eq!(c.as_str(), "a:b");
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].seq, 7);
@@ -871,7 +879,7 @@ mod tests {
             b"Ma:b\tE\tx\t1\n",
             b"\xff\xfe",
         ] {
-            let _ = parse_commit(bad.get(1..).unwrap_or(&[]));
+            let _ = parse_commit(Bytes::copy_from_slice(bad.get(1..).unwrap_or(&[])));
         }
     }
 }

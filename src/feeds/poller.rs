@@ -3,6 +3,7 @@
 //! first, and keeping its state (shown by `GET /api/feeds`) in the state store.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::parse::{self, FeedEntry};
+use crate::cluster::{self, NodeId};
 use crate::engine::state::{self as state_store, StateStore};
 use crate::engine::EngineError;
 use crate::hub::types::{ChannelName, Data, EventName, MessageId, NewMessage};
@@ -65,6 +67,8 @@ struct Registered {
     spec: FeedSpec,
     state: Arc<Mutex<FeedState>>,
     cancel: CancellationToken,
+    /// This node holds the feed's lease (polls it); otherwise its state is read from the store.
+    held: Arc<AtomicBool>,
 }
 
 pub struct FeedsContext {
@@ -74,6 +78,8 @@ pub struct FeedsContext {
     pub polls_total: Family<LabelSet, Counter>,
     /// The most one fetch (connect, headers, body) may take.
     pub fetch_timeout: Duration,
+    /// This node, holder of the `feed:{name}` leases of the feeds it polls.
+    pub node: NodeId,
 }
 
 /// The registry of polled feeds; each feed's loop owns its own polling.
@@ -119,7 +125,9 @@ impl Feeds {
             shutdown,
         };
         let mut specs = configured;
+        let mut stored = HashSet::new();
         for (name, json) in feeds.ctx.state.docs(SPEC_KIND).await? {
+            stored.insert(name.clone());
             match serde_json::from_str::<FeedSpec>(&json) {
                 Ok(spec) if !specs.iter().any(|s| s.name == spec.name) => specs.push(spec),
                 Ok(_) => {
@@ -130,6 +138,9 @@ impl Feeds {
         }
         for spec in specs {
             feeds.launch(spec).await?;
+        }
+        if feeds.ctx.state.is_shared() {
+            feeds.tasks.spawn(feeds.clone().follow_store(stored));
         }
         Ok(feeds)
     }
@@ -152,12 +163,14 @@ impl Feeds {
         }
         let state = Arc::new(Mutex::new(initial));
         let cancel = self.shutdown.child_token();
+        let held = Arc::new(AtomicBool::new(false));
         self.registry().insert(
             spec.name.clone(),
             Registered {
                 spec: spec.clone(),
                 state: state.clone(),
                 cancel: cancel.clone(),
+                held: held.clone(),
             },
         );
         self.tasks.spawn(poll_loop(
@@ -165,9 +178,158 @@ impl Feeds {
             self.client.clone(),
             spec,
             state,
+            held,
             cancel,
         ));
         Ok(())
+    }
+
+    /// On a shared store, follows what other nodes do every `cluster::RELOAD_EVERY`: feeds
+    /// added, changed or removed through their API, and the state of the feeds they poll.
+    /// `known`: the names of the feeds stored (added through an API) at the last look.
+    async fn follow_store(self, mut known: HashSet<String>) {
+        let mut tick = tokio::time::interval(cluster::RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(error) = self.reload(&mut known).await {
+                tracing::warn!(%error, "could not read the feeds of other nodes; will retry");
+            }
+        }
+    }
+
+    async fn reload(&self, known: &mut HashSet<String>) -> Result<(), EngineError> {
+        let mut stored: BTreeMap<String, FeedSpec> = BTreeMap::new();
+        for (name, json) in self.ctx.state.docs(SPEC_KIND).await? {
+            if let Ok(spec) = serde_json::from_str::<FeedSpec>(&json) {
+                stored.insert(name, spec);
+            }
+        }
+        let states = self.ctx.state.docs(STATE_KIND).await?;
+        // Removed through another node. One added here but not stored yet was not there at the
+        // last look either, so it stays.
+        let gone: Vec<(String, Registered)> = {
+            let mut registry = self.registry();
+            let names: Vec<String> = registry
+                .iter()
+                .filter(|(name, r)| {
+                    r.spec.source == FeedSource::Api
+                        && !stored.contains_key(*name)
+                        && known.contains(*name)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|name| registry.remove(&name).map(|r| (name, r)))
+                .collect()
+        };
+        for (name, removed) in gone {
+            removed.cancel.cancel();
+            tracing::info!(feed = %name, "feed removed through another node");
+        }
+        // Added through another node, or removed and added again with another spec.
+        for (name, spec) in &stored {
+            let current = self.registry().get(name).map(|r| {
+                (
+                    r.spec.source == FeedSource::Config,
+                    same_spec(&r.spec, spec),
+                    r.state.clone(),
+                )
+            });
+            match current {
+                Some((true, _, _)) | Some((false, true, _)) => continue,
+                Some((false, false, old)) => {
+                    let replaced = {
+                        let mut registry = self.registry();
+                        if registry
+                            .get(name)
+                            .is_some_and(|r| Arc::ptr_eq(&r.state, &old))
+                        {
+                            registry.remove(name)
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(replaced) = replaced {
+                        replaced.cancel.cancel();
+                    }
+                }
+                None => {}
+            }
+            if self.adopt(name).await? {
+                tracing::info!(feed = %name, "feed added through another node");
+            }
+        }
+        // What the feeds other nodes poll show now.
+        {
+            let registry = self.registry();
+            for (name, json) in states {
+                let Some(r) = registry.get(&name) else {
+                    continue;
+                };
+                if r.held.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if let Ok(mut state) = serde_json::from_str::<FeedState>(&json) {
+                    if state.status.is_empty() {
+                        state.status = "pending".into();
+                    }
+                    *r.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+                }
+            }
+        }
+        *known = stored.into_keys().collect();
+        Ok(())
+    }
+
+    /// Starts the stored feed `name` unless it is known here already or no longer stored;
+    /// true when started.
+    async fn adopt(&self, name: &str) -> Result<bool, EngineError> {
+        let mut initial: FeedState = state_store::get_typed(&*self.ctx.state, STATE_KIND, name)
+            .await?
+            .unwrap_or_default();
+        if initial.status.is_empty() {
+            initial.status = "pending".into();
+        }
+        // Read last, so a local `remove` (which deletes the document before it forgets the
+        // feed) cannot be undone here.
+        let Some(spec) =
+            state_store::get_typed::<FeedSpec>(&*self.ctx.state, SPEC_KIND, name).await?
+        else {
+            return Ok(false);
+        };
+        let state = Arc::new(Mutex::new(initial));
+        let cancel = self.shutdown.child_token();
+        let held = Arc::new(AtomicBool::new(false));
+        {
+            let mut registry = self.registry();
+            if registry.contains_key(name) {
+                return Ok(false);
+            }
+            registry.insert(
+                name.to_owned(),
+                Registered {
+                    spec: spec.clone(),
+                    state: state.clone(),
+                    cancel: cancel.clone(),
+                    held: held.clone(),
+                },
+            );
+        }
+        self.tasks.spawn(poll_loop(
+            self.ctx.clone(),
+            self.client.clone(),
+            spec,
+            state,
+            held,
+            cancel,
+        ));
+        Ok(true)
     }
 
     /// Every feed with its state, by name.
@@ -185,6 +347,7 @@ impl Feeds {
         };
         let state = Arc::new(Mutex::new(fresh.clone()));
         let cancel = self.shutdown.child_token();
+        let held = Arc::new(AtomicBool::new(false));
         // Claim the name before the first await, so two adds of one name at the same moment
         // cannot both succeed and leave a poller behind that nothing can remove.
         {
@@ -198,6 +361,7 @@ impl Feeds {
                     spec: spec.clone(),
                     state: state.clone(),
                     cancel: cancel.clone(),
+                    held: held.clone(),
                 },
             );
         }
@@ -222,6 +386,7 @@ impl Feeds {
             self.client.clone(),
             spec.clone(),
             state,
+            held,
             cancel,
         ));
         Ok(feed_json(&spec, &fresh))
@@ -236,21 +401,34 @@ impl Feeds {
     }
 
     pub async fn remove(&self, name: &str) -> Result<serde_json::Value, FeedsError> {
-        let removed = {
-            let mut registry = self.registry();
+        let found = {
+            let registry = self.registry();
             match registry.get(name) {
                 None => return Err(FeedsError::Unknown(name.to_owned())),
                 Some(r) if r.spec.source == FeedSource::Config => {
                     return Err(FeedsError::FromConfig(name.to_owned()))
                 }
-                Some(_) => registry.remove(name),
+                Some(r) => r.state.clone(),
+            }
+        };
+        // The document goes first: on a shared store, a node that still finds it stored
+        // starts the feed (`adopt`), so it must be gone before the feed is forgotten here.
+        self.ctx.state.delete_doc(SPEC_KIND, name).await?;
+        let removed = {
+            let mut registry = self.registry();
+            if registry
+                .get(name)
+                .is_some_and(|r| Arc::ptr_eq(&r.state, &found))
+            {
+                registry.remove(name)
+            } else {
+                None
             }
         };
         let Some(removed) = removed else {
             return Err(FeedsError::Unknown(name.to_owned()));
         };
         removed.cancel.cancel();
-        self.ctx.state.delete_doc(SPEC_KIND, name).await?;
         let state = removed
             .state
             .lock()
@@ -258,6 +436,16 @@ impl Feeds {
             .clone();
         Ok(feed_json(&removed.spec, &state))
     }
+}
+
+fn same_spec(a: &FeedSpec, b: &FeedSpec) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// How long a node holds a feed's lease without renewing it: past the longest poll (it is
+/// renewed before each), and at least the cluster's lease time.
+fn feed_lease_ttl(fetch_timeout: Duration) -> Duration {
+    (fetch_timeout + PARSE_TIMEOUT + cluster::RENEW_EVERY).max(cluster::LEASE_TTL)
 }
 
 pub fn feed_json(spec: &FeedSpec, state: &FeedState) -> serde_json::Value {
@@ -634,44 +822,109 @@ fn shorten_to_fit(
     }
 }
 
+/// How long until the feed's next poll by its saved state: resumes the schedule a restart (or
+/// another node) left; a feed never polled goes at once. A healthy feed waits at most its
+/// (possibly newly lowered) interval; a failing one keeps its backoff.
+fn resume_wait(spec: &FeedSpec, state: &Mutex<FeedState>) -> Duration {
+    let s = state.lock().unwrap_or_else(|e| e.into_inner());
+    let cap = if s.consecutive_errors == 0 {
+        spec.every
+    } else {
+        MAX_BACKOFF
+    };
+    s.next_poll
+        .as_deref()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| {
+            let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64 - crate::clock::now_ms();
+            Duration::from_millis(ms.max(0) as u64).min(cap)
+        })
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Replaces the feed's state in memory by the one saved in the store, if any.
+async fn reload_state(
+    ctx: &FeedsContext,
+    spec: &FeedSpec,
+    state: &Mutex<FeedState>,
+) -> Result<(), EngineError> {
+    if let Some(mut saved) =
+        state_store::get_typed::<FeedState>(&*ctx.state, STATE_KIND, &spec.name).await?
+    {
+        if saved.status.is_empty() {
+            saved.status = "pending".into();
+        }
+        *state.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+    }
+    Ok(())
+}
+
+/// Polls one feed until cancelled. In a cluster every node runs this loop, but only the node
+/// holding the lease `feed:{name}` polls: it renews the lease every `cluster::RENEW_EVERY` (and
+/// before each poll), the others try to take it as often, and the one that takes it over goes
+/// on from the state and schedule its holder saved.
 async fn poll_loop(
     ctx: Arc<FeedsContext>,
     client: reqwest::Client,
     spec: FeedSpec,
     state: Arc<Mutex<FeedState>>,
+    held: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
     let label = |result: &str| vec![("feed", spec.name.clone()), ("result", result.to_owned())];
-    // Resume the schedule a restart interrupted; a feed never polled goes at once. A healthy
-    // feed waits at most its (possibly newly lowered) interval; a failing one keeps its backoff.
-    let mut wait = {
-        let s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let cap = if s.consecutive_errors == 0 {
-            spec.every
-        } else {
-            MAX_BACKOFF
-        };
-        s.next_poll
-            .as_deref()
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .map(|t| {
-                let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64 - crate::clock::now_ms();
-                Duration::from_millis(ms.max(0) as u64).min(cap)
-            })
-            .unwrap_or(Duration::ZERO)
-    };
+    let shared = ctx.state.is_shared();
+    let lease = cluster::feed_lease(&spec.name);
+    let lease_ttl = cluster::ms(feed_lease_ttl(ctx.fetch_timeout));
+    let mut due = tokio::time::Instant::now() + resume_wait(&spec, &state);
     loop {
+        let wake = if shared {
+            due.min(tokio::time::Instant::now() + cluster::RENEW_EVERY)
+        } else {
+            due
+        };
         tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        match ctx.state.lease(&lease, ctx.node.as_str(), lease_ttl).await {
+            Ok(true) => {
+                let taken_over = !held.swap(true, Ordering::SeqCst);
+                if taken_over && shared {
+                    // Another node may have polled it until now: go on from its state.
+                    if let Err(error) = reload_state(&ctx, &spec, &state).await {
+                        tracing::warn!(feed = %spec.name, %error, "could not read the feed's state; will retry");
+                        held.store(false, Ordering::SeqCst);
+                        due = due.max(tokio::time::Instant::now() + cluster::RENEW_EVERY);
+                        continue;
+                    }
+                    due = tokio::time::Instant::now() + resume_wait(&spec, &state);
+                    tracing::info!(feed = %spec.name, node = %ctx.node, "this node polls the feed");
+                }
+            }
+            Ok(false) => {
+                if held.swap(false, Ordering::SeqCst) {
+                    tracing::info!(feed = %spec.name, "another node polls the feed now");
+                }
+                due = due.max(tokio::time::Instant::now() + cluster::RENEW_EVERY);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(feed = %spec.name, %error, "could not take or renew the feed's lease; will retry");
+                due = due.max(tokio::time::Instant::now() + cluster::RENEW_EVERY);
+                continue;
+            }
+        }
+        if tokio::time::Instant::now() < due {
+            continue;
         }
         let started = crate::clock::now_ms();
         let outcome = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             outcome = poll_once(&ctx, &client, &spec, &state) => outcome,
         };
+        let wait;
         let snapshot = {
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             s.last_poll = Some(crate::clock::rfc3339_ms(started));
@@ -709,12 +962,121 @@ async fn poll_loop(
         {
             tracing::warn!(feed = %spec.name, %error, "could not save feed state");
         }
+        due = tokio::time::Instant::now() + wait;
+    }
+    if shared && held.load(Ordering::SeqCst) {
+        // Removed or shutting down: another node may take the feed over at once.
+        let release = ctx.state.release(&lease, ctx.node.as_str());
+        match tokio::time::timeout(cluster::RELEASE_TIMEOUT, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(feed = %spec.name, %error, "could not release the feed's lease; it lapses")
+            }
+            Err(_) => {
+                tracing::warn!(feed = %spec.name, "releasing the feed's lease took too long; it lapses")
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::testing::{self, SharedState};
+    use std::sync::atomic::AtomicUsize;
+
+    const RSS: &str = r#"<?xml version="1.0"?><rss version="2.0"><channel><title>t</title>
+        <item><guid>a</guid><title>A</title></item>
+        <item><guid>b</guid><title>B</title></item></channel></rss>"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_node_polls_a_feed_and_another_takes_over_when_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testing::hub(&dir.path().join("hub"));
+        let state = SharedState::open(&dir.path().join("state"));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let router = axum::Router::new().route(
+            "/feed",
+            axum::routing::get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { ([("content-type", "application/rss+xml")], RSS) }
+            }),
+        );
+        let spec = FeedSpec {
+            name: "news".into(),
+            url: format!("{}/feed", testing::serve(router).await),
+            every: Duration::from_secs(1),
+            channel: "feeds:news".into(),
+            source: FeedSource::Config,
+        };
+        let start = || async {
+            let polls = Family::<LabelSet, Counter>::default();
+            let shutdown = CancellationToken::new();
+            let feeds = Feeds::start(
+                FeedsContext {
+                    hub: hub.clone(),
+                    state: state.clone(),
+                    dedupe_window: Duration::from_secs(3600),
+                    polls_total: polls.clone(),
+                    fetch_timeout: Duration::from_secs(5),
+                    node: NodeId::generate(),
+                },
+                vec![spec.clone()],
+                shutdown.clone(),
+            )
+            .await
+            .unwrap();
+            (feeds, polls, shutdown)
+        };
+        let ok = |polls: &Family<LabelSet, Counter>| {
+            polls
+                .get_or_create(&vec![
+                    ("feed", "news".to_owned()),
+                    ("result", "ok".to_owned()),
+                ])
+                .get()
+        };
+        let (a, a_polls, a_stop) = start().await;
+        let counter = a_polls.clone();
+        testing::wait_until("A's first poll", || {
+            let n = ok(&counter);
+            async move { n >= 1 }
+        })
+        .await;
+        let (b, b_polls, b_stop) = start().await;
+        let before = ok(&a_polls);
+        testing::wait_until("two more polls by A", || {
+            let n = ok(&counter);
+            async move { n >= before + 2 }
+        })
+        .await;
+        assert_eq!(ok(&b_polls), 0, "B does not poll while A holds the feed");
+        assert!(fetches.load(Ordering::SeqCst) as u64 <= ok(&a_polls) + 1);
+
+        // A stops and gives the feed up; B goes on from A's state.
+        a_stop.cancel();
+        a.tasks().close();
+        a.tasks().wait().await;
+        let counter = b_polls.clone();
+        testing::wait_until("B's first poll", || {
+            let n = ok(&counter);
+            async move { n >= 1 }
+        })
+        .await;
+        let channel = ChannelName::parse("feeds:news").unwrap();
+        let page = hub
+            .engine()
+            .read(&channel, 0, 100, 1 << 20, i64::MIN)
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 2, "each entry published once");
+        let listed = b.list();
+        assert_eq!(listed[0]["entries_seen"], 2, "{listed:?}");
+        b_stop.cancel();
+        b.tasks().close();
+        b.tasks().wait().await;
+    }
 
     #[test]
     fn retry_after_and_cache_headers() {

@@ -70,6 +70,39 @@ impl Schedule {
             }
         }
     }
+
+    /// The next tick strictly after `after` when several nodes share the schedule: `every`
+    /// ticks fall on multiples of the interval since the Unix epoch, so all nodes name each tick
+    /// alike (cron ticks are on the clock already).
+    pub fn next_shared_after(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self {
+            Schedule::Every(d) => {
+                let step = i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1);
+                let next = (after.timestamp_millis().div_euclid(step) + 1).checked_mul(step)?;
+                chrono::DateTime::from_timestamp_millis(next)
+            }
+            _ => self.next_after(after),
+        }
+    }
+
+    /// For `every`, the shared tick at or before `at`: what a node starting at `at` runs
+    /// (unless another node ran it already).
+    pub fn shared_tick_at_or_before(
+        &self,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self {
+            Schedule::Every(d) => {
+                let step = i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1);
+                let tick = at.timestamp_millis().div_euclid(step).checked_mul(step)?;
+                chrono::DateTime::from_timestamp_millis(tick)
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -522,6 +555,55 @@ mod tests {
         );
         assert_eq!(
             Schedule::Manual.next_after(at("2026-11-22T10:00:00Z")),
+            None
+        );
+    }
+
+    #[test]
+    fn shared_every_ticks_fall_on_multiples_of_the_interval() {
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let every = Schedule::Every(Duration::from_secs(30));
+        let cases = [
+            (
+                "2026-11-22T10:00:00Z",
+                "2026-11-22T10:00:30Z",
+                "2026-11-22T10:00:00Z",
+            ),
+            (
+                "2026-11-22T10:00:01.5Z",
+                "2026-11-22T10:00:30Z",
+                "2026-11-22T10:00:00Z",
+            ),
+            (
+                "2026-11-22T10:00:29.999Z",
+                "2026-11-22T10:00:30Z",
+                "2026-11-22T10:00:00Z",
+            ),
+            (
+                "2026-11-22T10:00:30Z",
+                "2026-11-22T10:01:00Z",
+                "2026-11-22T10:00:30Z",
+            ),
+        ];
+        for (now, next, slot) in cases {
+            assert_eq!(every.next_shared_after(at(now)), Some(at(next)), "{now}");
+            assert_eq!(
+                every.shared_tick_at_or_before(at(now)),
+                Some(at(slot)),
+                "{now}"
+            );
+        }
+        let cron = parse_cron("k", "*/5 * * * *", "UTC").unwrap();
+        assert_eq!(
+            cron.next_shared_after(at("2026-11-22T10:01:30Z")),
+            cron.next_after(at("2026-11-22T10:01:30Z"))
+        );
+        assert_eq!(
+            cron.shared_tick_at_or_before(at("2026-11-22T10:01:30Z")),
             None
         );
     }

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::execute::{execute, publish_final};
 use super::run::{Run, RunStatus, Trigger};
 use super::spec::{JobSpec, Schedule};
+use crate::cluster::{self, NodeId};
 use crate::engine::state::StateStore;
 use crate::engine::EngineError;
 use crate::hub::types::{ChannelName, Data, EventName, NewMessage};
@@ -38,6 +39,8 @@ pub struct JobsContext {
     pub skipped_ticks_total: Family<LabelSet, Counter>,
     /// Runs that may execute at once across all jobs; more wait as `queued`.
     pub max_concurrent_runs: usize,
+    /// This node, holder of its runs' cluster leases.
+    pub node: NodeId,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +53,9 @@ pub enum StartError {
     Busy {
         job: String,
         limit: usize,
-        run: Box<Run>,
+        /// A run holding the slot; None when another node holds it and its record is not
+        /// readable yet.
+        run: Option<Box<Run>>,
     },
     #[error(transparent)]
     Store(#[from] EngineError),
@@ -132,6 +137,7 @@ impl Jobs {
             queued: VecDeque::new(),
             last_run: HashMap::new(),
             skipped: HashMap::new(),
+            leases: HashMap::new(),
             runs: TaskTracker::new(),
             shutdown: shutdown.clone(),
         };
@@ -253,9 +259,15 @@ struct Supervisor {
     queued: VecDeque<Run>,
     last_run: HashMap<String, Run>,
     skipped: HashMap<String, u64>,
+    /// The cluster leases each queued or running run of this node holds: its slot, then
+    /// `run:{id}`. Renewed every `cluster::RENEW_EVERY`, released once the run's record is final.
+    leases: HashMap<String, Vec<String>>,
     runs: TaskTracker,
     shutdown: CancellationToken,
 }
+
+/// A run to start again: job, parameters, trigger, attempt.
+type Retry = (String, BTreeMap<String, String>, Trigger, u32);
 
 /// Validates run parameters: only declared names, bounded printable values.
 pub fn check_params(spec: &JobSpec, params: &BTreeMap<String, String>) -> Result<(), StartError> {
@@ -316,6 +328,13 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Supervisor {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let shared = self.ctx.state.is_shared();
+        let mut renew = tokio::time::interval(cluster::RENEW_EVERY);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut orphans = tokio::time::interval(cluster::ORPHAN_CHECK_EVERY);
+        orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The start-up recovery has just run.
+        orphans.reset();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -323,6 +342,8 @@ impl Supervisor {
                     Some(event) => self.handle(event).await,
                     None => break,
                 },
+                _ = renew.tick() => self.renew_leases().await,
+                _ = orphans.tick(), if shared => self.recover_orphans().await,
             }
         }
         self.stop(rx).await;
@@ -388,19 +409,40 @@ impl Supervisor {
             .concurrency_key
             .as_deref()
             .and_then(|k| params.get(k))
-            .map(String::as_str);
-        let busy = self.busy_with(&spec, key);
+            .cloned();
+        let busy = self.busy_with(&spec, key.as_deref());
         if busy.len() >= spec.concurrency {
             if let Some(first) = busy.first() {
                 return Err(StartError::Busy {
                     job: job.to_owned(),
                     limit: spec.concurrency,
-                    run: Box::new((*first).clone()),
+                    run: Some(Box::new((*first).clone())),
                 });
             }
         }
         let run = Run::new(job, trigger, attempt, params);
-        self.ctx.state.put_run(run.to_stored()?).await?;
+        // Single-flight across nodes: a slot of the job in the cluster, held while the run is
+        // queued or running. Taken before the record exists, so no node ever sees a live run
+        // without its lease.
+        let Some(leases) = self.take_leases(&spec, key.as_deref(), &run.id).await? else {
+            return Err(StartError::Busy {
+                job: job.to_owned(),
+                limit: spec.concurrency,
+                run: self
+                    .active_elsewhere(&spec, key.as_deref())
+                    .await
+                    .map(Box::new),
+            });
+        };
+        self.leases.insert(run.id.clone(), leases);
+        let recorded = match run.to_stored() {
+            Ok(stored) => self.ctx.state.put_run(stored).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = recorded {
+            self.release_leases(&run.id).await;
+            return Err(error.into());
+        }
         publish_run_event(&self.ctx.hub, &run).await;
         if self.running.len() < self.ctx.max_concurrent_runs {
             Ok(self.launch(spec, run).await)
@@ -480,6 +522,8 @@ impl Supervisor {
 
     async fn finished(&mut self, run: Run) {
         self.running.remove(&run.id);
+        // Its record is final (`execute` wrote it): the slot may go to any node now.
+        self.release_leases(&run.id).await;
         self.ctx
             .runs_total
             .get_or_create(&vec![
@@ -541,7 +585,12 @@ impl Supervisor {
             if let Some(mut run) = self.queued.remove(pos) {
                 run.status = RunStatus::Cancelled;
                 run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
-                self.ctx.state.put_run(run.to_stored()?).await?;
+                let recorded = match run.to_stored() {
+                    Ok(stored) => self.ctx.state.put_run(stored).await,
+                    Err(error) => Err(error),
+                };
+                self.release_leases(&run.id).await;
+                recorded?;
                 self.last_run.insert(run.job.clone(), run.clone());
                 publish_final(&self.ctx.hub, &run).await;
                 return Ok(Some((run, true)));
@@ -579,11 +628,12 @@ impl Supervisor {
             .collect()
     }
 
-    /// Runs left `running`/`queued` by a previous process are `interrupted`; returns the ones
-    /// to retry.
-    async fn recover_interrupted(
-        &self,
-    ) -> Result<Vec<(String, BTreeMap<String, String>, Trigger, u32)>, EngineError> {
+    /// Runs left `running`/`queued` by a process that is gone are `interrupted`; returns the
+    /// ones to retry. A run counts as gone once nobody renews its `run:` lease: on a one-node
+    /// store (every lease granted) that is every such run not of this process, i.e. what a
+    /// previous process left, as before clusters; on a shared store it is the runs of nodes
+    /// that died (or lost the store) at least `cluster::LEASE_TTL` ago.
+    async fn recover_interrupted(&self) -> Result<Vec<Retry>, EngineError> {
         let mut retry = Vec::new();
         for stored in self
             .ctx
@@ -591,7 +641,14 @@ impl Supervisor {
             .runs_with_status(&["running", "queued"])
             .await?
         {
-            let mut run = Run::from_stored(&stored)?;
+            if self.running.contains_key(&stored.id)
+                || self.queued.iter().any(|r| r.id == stored.id)
+            {
+                continue;
+            }
+            let Some(mut run) = self.orphan(&stored.id).await? else {
+                continue;
+            };
             let id = run.id.clone();
             let left =
                 tokio::task::spawn_blocking(move || super::process::kill_leftovers_of_run(&id))
@@ -603,7 +660,16 @@ impl Supervisor {
             run.status = RunStatus::Interrupted;
             run.finished = Some(crate::clock::rfc3339_ms(crate::clock::now_ms()));
             run.error = Some("the hub stopped while this run was active".into());
-            self.ctx.state.put_run(run.to_stored()?).await?;
+            let recorded = match run.to_stored() {
+                Ok(stored) => self.ctx.state.put_run(stored).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = recorded {
+                // Its recovery lease lapses, so it is found again (at the next check on a
+                // shared store, at the next start on a one-node store).
+                tracing::warn!(%error, run = %run.id, "could not record a run as interrupted");
+                continue;
+            }
             publish_final(&self.ctx.hub, &run).await;
             tracing::warn!(job = %run.job, run = %run.id, "run interrupted by a restart");
             if let Some(spec) = self.specs.get(&run.job) {
@@ -618,6 +684,146 @@ impl Supervisor {
             }
         }
         Ok(retry)
+    }
+
+    /// The run `id`, if its node is gone and this node is the one to record that. Taking its
+    /// `run:` lease proves nobody renews it, and keeps other nodes from recovering it too for
+    /// as long as the recording takes (if it fails, the lease lapses and it is tried again).
+    async fn orphan(&self, id: &str) -> Result<Option<Run>, EngineError> {
+        let state = &self.ctx.state;
+        let taken = state
+            .lease(
+                &cluster::run_lease(id),
+                &self.ctx.node.recovery_holder(),
+                cluster::ms(cluster::LEASE_TTL),
+            )
+            .await?;
+        if !taken {
+            return Ok(None);
+        }
+        // It may have ended since the list was read: a run's record is final before its lease
+        // is released.
+        match state.run(id).await? {
+            Some(stored) if matches!(stored.status.as_str(), "running" | "queued") => {
+                Run::from_stored(&stored).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The periodic search of a shared store for runs whose node died.
+    async fn recover_orphans(&mut self) {
+        let retry = match self.recover_interrupted().await {
+            Ok(retry) => retry,
+            Err(error) => {
+                tracing::warn!(%error, "could not look for runs of nodes that stopped; will retry");
+                return;
+            }
+        };
+        for (job, params, trigger, attempt) in retry {
+            if let Err(error) = self.start(&job, params, trigger, attempt).await {
+                tracing::warn!(%error, %job, "a retry of an interrupted run could not start");
+            }
+        }
+    }
+
+    /// Takes a free slot of the job in the cluster, then the run's own lease; None when every
+    /// slot is held (by runs of this node or of others).
+    async fn take_leases(
+        &self,
+        spec: &JobSpec,
+        key: Option<&str>,
+        run: &str,
+    ) -> Result<Option<Vec<String>>, EngineError> {
+        let state = &self.ctx.state;
+        let holder = self.ctx.node.run_holder(run);
+        let ttl = cluster::ms(cluster::LEASE_TTL);
+        let mut slot = None;
+        for name in cluster::job_slots(&spec.name, key, spec.concurrency) {
+            if state.lease(&name, &holder, ttl).await? {
+                slot = Some(name);
+                break;
+            }
+        }
+        let Some(slot) = slot else {
+            return Ok(None);
+        };
+        let alive = cluster::run_lease(run);
+        let taken = state.lease(&alive, &holder, ttl).await;
+        if !matches!(taken, Ok(true)) {
+            if let Err(error) = state.release(&slot, &holder).await {
+                tracing::warn!(%error, lease = %slot, "could not release a slot; it lapses");
+            }
+        }
+        match taken {
+            Ok(true) => Ok(Some(vec![slot, alive])),
+            Ok(false) => Err(EngineError::Internal(format!(
+                "the lease of the new run {run} is held by someone else"
+            ))),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A queued or running run of the job (with the same key value) as recorded: what a busy
+    /// answer shows when another node holds the slot.
+    async fn active_elsewhere(&self, spec: &JobSpec, key: Option<&str>) -> Option<Run> {
+        let recent = self.ctx.state.runs_of_job(&spec.name, 100).await.ok()?;
+        recent
+            .iter()
+            .filter_map(|stored| Run::from_stored(stored).ok())
+            .find(|r| {
+                !r.status.is_final()
+                    && (key.is_none() || r.key_value(spec.concurrency_key.as_deref()) == key)
+            })
+    }
+
+    /// Gives up a run's leases: its record is final, or was never written.
+    async fn release_leases(&mut self, run: &str) {
+        let Some(names) = self.leases.remove(run) else {
+            return;
+        };
+        let holder = self.ctx.node.run_holder(run);
+        for name in names {
+            if let Err(error) = self.ctx.state.release(&name, &holder).await {
+                tracing::warn!(%error, %run, lease = %name, "could not release a run's lease; it lapses");
+            }
+        }
+    }
+
+    /// Renews the leases of this node's runs. A run whose lease another node holds now (this
+    /// node could not renew it in time, so that node may have recorded it interrupted) is
+    /// cancelled, so the job is single-flight again.
+    async fn renew_leases(&mut self) {
+        let held: Vec<(String, Vec<String>)> = self
+            .leases
+            .iter()
+            .map(|(run, names)| (run.clone(), names.clone()))
+            .collect();
+        let ttl = cluster::ms(cluster::LEASE_TTL);
+        let mut lost = Vec::new();
+        for (run, names) in held {
+            let holder = self.ctx.node.run_holder(&run);
+            for name in names {
+                match self.ctx.state.lease(&name, &holder, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(%run, lease = %name, "a run lost its cluster lease to another node; cancelling it");
+                        lost.push(run.clone());
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, %run, lease = %name, "could not renew a run's lease; will retry");
+                    }
+                }
+            }
+        }
+        for run in lost {
+            // Nothing of it is ours to release any more.
+            self.leases.remove(&run);
+            if let Err(error) = self.cancel(&run).await {
+                tracing::warn!(%error, %run, "could not cancel a run that lost its lease");
+            }
+        }
     }
 
     /// Cancels every running run and waits for each to finish (they SIGTERM, then SIGKILL
@@ -637,13 +843,25 @@ impl Supervisor {
                 }
                 Err(error) => tracing::warn!(%error, "could not encode a run"),
             }
+            self.release_leases(&run.id).await;
             // Its followers wait for an `exit` like any other run's.
             publish_final(&self.ctx.hub, &run).await;
         }
+        // Runs keep their leases while they wind down (up to their kill grace).
+        let mut renew = tokio::time::interval(cluster::RENEW_EVERY);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.running.is_empty() {
-            match rx.recv().await {
+            let event = tokio::select! {
+                event = rx.recv() => event,
+                _ = renew.tick() => {
+                    self.renew_leases().await;
+                    continue;
+                }
+            };
+            match event {
                 Some(Event::Finished { run, freed }) => {
                     self.running.remove(&run.id);
+                    self.release_leases(&run.id).await;
                     let _ = freed.send(());
                 }
                 Some(Event::Start {
@@ -665,39 +883,47 @@ impl Supervisor {
 
 /// Sends a `Tick` at each scheduled time until shutdown. `every` fires at start-up first;
 /// a cron job with `catch_up` fires once at start-up if a tick was missed while down.
+///
+/// Every node of a cluster runs this loop: each tick is named by the time it was scheduled
+/// for and claimed in the store, and only the node that claims it first fires it. On a shared
+/// store `every` ticks fall on multiples of the interval (so all nodes name them alike), and
+/// the start-up tick is the one of the interval the node starts in — run by the node that
+/// starts first, or already by the regular tick.
 async fn schedule_ticks(
     spec: Arc<JobSpec>,
     state: Arc<dyn StateStore>,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) {
+    let shared = state.is_shared();
     let now = chrono::Utc::now();
-    let fire_now = match &spec.schedule {
-        Schedule::Every(_) => true,
-        Schedule::Cron { .. } if spec.catch_up => {
-            let last = state
-                .doc("job_tick", &spec.name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|s| s.parse::<i64>().ok())
-                .and_then(chrono::DateTime::from_timestamp_millis);
-            match last {
-                Some(last) => spec.schedule.next_after(last).is_some_and(|t| t <= now),
-                None => false,
-            }
+    let at_start = match &spec.schedule {
+        Schedule::Every(_) if shared => spec.schedule.shared_tick_at_or_before(now),
+        Schedule::Every(_) => Some(now),
+        Schedule::Cron { .. } if spec.catch_up => state
+            .doc("job_tick", &spec.name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<i64>().ok())
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .and_then(|last| spec.schedule.next_after(last))
+            .filter(|t| *t <= now),
+        _ => None,
+    };
+    if let Some(at) = at_start {
+        if !fire(&spec, &*state, &events, at).await {
+            return;
         }
-        _ => false,
-    };
-    let tick = || Event::Tick {
-        job: spec.name.clone(),
-    };
-    if fire_now && events.send(tick()).await.is_err() {
-        return;
     }
     let mut from = chrono::Utc::now();
     loop {
-        let Some(next) = spec.schedule.next_after(from) else {
+        let next = if shared {
+            spec.schedule.next_shared_after(from)
+        } else {
+            spec.schedule.next_after(from)
+        };
+        let Some(next) = next else {
             return;
         };
         let wait = (next - chrono::Utc::now())
@@ -707,7 +933,7 @@ async fn schedule_ticks(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        if events.send(tick()).await.is_err() {
+        if !fire(&spec, &*state, &events, next).await {
             return;
         }
         // Ticks missed while the process was suspended are not replayed one by one.
@@ -715,9 +941,263 @@ async fn schedule_ticks(
     }
 }
 
+/// Fires the tick scheduled for `at` if this node claims it first (always, on a one-node store);
+/// false once the supervisor is gone.
+async fn fire(
+    spec: &JobSpec,
+    state: &dyn StateStore,
+    events: &mpsc::Sender<Event>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    let claim = cluster::tick_claim(&spec.name, at.timestamp_millis());
+    match state
+        .claim_once(&claim, cluster::ms(tick_claim_ttl(&spec.schedule)))
+        .await
+    {
+        Ok(true) => events
+            .send(Event::Tick {
+                job: spec.name.clone(),
+            })
+            .await
+            .is_ok(),
+        Ok(false) => {
+            tracing::debug!(job = %spec.name, %claim, "another node fired this tick");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, job = %spec.name, "could not claim a tick; it is skipped");
+            true
+        }
+    }
+}
+
+/// How long a claimed tick is remembered: well past any clock skew between nodes, and for
+/// `every` past the interval, so a node starting within it finds its start-up tick taken.
+fn tick_claim_ttl(schedule: &Schedule) -> Duration {
+    let margin = Duration::from_secs(600);
+    match schedule {
+        Schedule::Every(d) => d
+            .saturating_add(margin)
+            .min(Duration::from_secs(31 * 24 * 3600)),
+        _ => margin,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::testing::{self, SharedState};
+    use std::path::PathBuf;
+
+    fn job(name: &str, command: &[&str], schedule: Schedule) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            dir: PathBuf::from("/"),
+            env: Vec::new(),
+            schedule,
+            timeout: None,
+            kill_grace: Duration::from_secs(1),
+            retries: 0,
+            catch_up: false,
+            concurrency: 1,
+            concurrency_key: None,
+            params: Vec::new(),
+            publish: Vec::new(),
+        }
+    }
+
+    /// One node of a cluster: its own supervisor over the shared hub and store.
+    struct Node {
+        jobs: Jobs,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    }
+
+    impl Node {
+        async fn start(hub: &Arc<Hub>, state: &Arc<SharedState>, specs: Vec<JobSpec>) -> Node {
+            let shutdown = CancellationToken::new();
+            let ctx = JobsContext {
+                hub: hub.clone(),
+                state: state.clone(),
+                self_url: "http://127.0.0.1:9".into(),
+                token_key: vec![7; 32],
+                runs_total: Family::default(),
+                skipped_ticks_total: Family::default(),
+                max_concurrent_runs: 8,
+                node: NodeId::generate(),
+            };
+            let (jobs, tasks) = Jobs::start(ctx, specs, shutdown.clone()).await.unwrap();
+            Node {
+                jobs,
+                tasks,
+                shutdown,
+            }
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.tasks.wait().await;
+        }
+    }
+
+    async fn status(state: &SharedState, id: &str) -> String {
+        state
+            .run(id)
+            .await
+            .unwrap()
+            .map(|r| r.status)
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_flight_holds_across_nodes_and_a_freed_slot_goes_to_any_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testing::hub(&dir.path().join("hub"));
+        let state = SharedState::open(&dir.path().join("state"));
+        let mut keyed = job("sync", &["sleep", "30"], Schedule::Manual);
+        keyed.concurrency_key = Some("account".into());
+        keyed.params = vec!["account".into()];
+        let specs = vec![job("build", &["sleep", "30"], Schedule::Manual), keyed];
+        let a = Node::start(&hub, &state, specs.clone()).await;
+        let b = Node::start(&hub, &state, specs).await;
+
+        let first = a
+            .jobs
+            .start_run("build", BTreeMap::new(), Trigger::Api)
+            .await
+            .unwrap();
+        // Longer than a lease lives unrenewed: A renews it, and B's search for runs of nodes
+        // that died leaves the run alone.
+        tokio::time::sleep(cluster::LEASE_TTL * 2).await;
+        match b
+            .jobs
+            .start_run("build", BTreeMap::new(), Trigger::Api)
+            .await
+        {
+            Err(StartError::Busy { run: Some(run), .. }) => assert_eq!(run.id, first.id),
+            other => panic!("expected busy with A's run, got {other:?}"),
+        }
+        assert_eq!(status(&state, &first.id).await, "running");
+
+        let account = |v: &str| BTreeMap::from([("account".to_owned(), v.to_owned())]);
+        b.jobs
+            .start_run("sync", account("1"), Trigger::Api)
+            .await
+            .unwrap();
+        assert!(matches!(
+            a.jobs.start_run("sync", account("1"), Trigger::Api).await,
+            Err(StartError::Busy { .. })
+        ));
+        a.jobs
+            .start_run("sync", account("2"), Trigger::Api)
+            .await
+            .unwrap();
+
+        a.jobs.cancel(&first.id).await.unwrap();
+        let jobs = b.jobs.clone();
+        testing::wait_until("B to take the freed slot", || {
+            let jobs = jobs.clone();
+            async move {
+                jobs.start_run("build", BTreeMap::new(), Trigger::Api)
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        assert_eq!(status(&state, &first.id).await, "cancelled");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_scheduled_tick_fires_on_one_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testing::hub(&dir.path().join("hub"));
+        let state = SharedState::open(&dir.path().join("state"));
+        // Two slots, so only the tick claims (not single-flight) keep a tick from running twice.
+        let mut ticking = job("tick", &["true"], Schedule::Every(Duration::from_secs(1)));
+        ticking.concurrency = 2;
+        let specs = vec![ticking];
+        let a = Node::start(&hub, &state, specs.clone()).await;
+        let b = Node::start(&hub, &state, specs).await;
+        let granted = |state: &SharedState| -> Vec<String> {
+            let log = state.claim_log.lock().unwrap();
+            log.iter()
+                .filter(|(name, won)| *won && name.starts_with("tick:tick:"))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let shared = state.clone();
+        testing::wait_until("three ticks", || {
+            let n = granted(&shared).len();
+            async move { n >= 3 }
+        })
+        .await;
+        a.stop().await;
+        b.stop().await;
+        let won = granted(&state);
+        let lost: Vec<String> = {
+            let log = state.claim_log.lock().unwrap();
+            log.iter()
+                .filter(|(name, won)| !*won && name.starts_with("tick:tick:"))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        // Both nodes named the same ticks (on whole seconds); one of them fired each.
+        assert!(!lost.is_empty(), "{won:?}");
+        assert!(
+            lost.iter().all(|name| won.contains(name)),
+            "{won:?} {lost:?}"
+        );
+        assert!(won
+            .iter()
+            .all(|name| name.trim_start_matches("tick:tick:").ends_with("000")));
+        let runs = state.runs_of_job("tick", 100).await.unwrap();
+        // A tick fired while both stopped may have started nothing.
+        assert!(
+            runs.len() <= won.len() && runs.len() + 1 >= won.len(),
+            "{} runs for {won:?}",
+            runs.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_of_a_node_that_died_are_interrupted_once_their_lease_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testing::hub(&dir.path().join("hub"));
+        let state = SharedState::open(&dir.path().join("state"));
+        let running = || {
+            let mut run = Run::new("work", Trigger::Api, 1, BTreeMap::new());
+            run.status = RunStatus::Running;
+            run
+        };
+        // One run of a node that is alive (it renews the run's lease), one of a node long gone.
+        let alive = running();
+        let gone = running();
+        for run in [&alive, &gone] {
+            state.put_run(run.to_stored().unwrap()).await.unwrap();
+        }
+        state.hold(
+            &cluster::run_lease(&alive.id),
+            &format!("node_other/{}", alive.id),
+            Duration::from_secs(60),
+        );
+        let b = Node::start(&hub, &state, vec![job("work", &["true"], Schedule::Manual)]).await;
+        assert_eq!(status(&state, &gone.id).await, "interrupted", "at start-up");
+        tokio::time::sleep(cluster::ORPHAN_CHECK_EVERY * 3).await;
+        assert_eq!(status(&state, &alive.id).await, "running");
+        // Its node dies.
+        state.lapse_leases_of("node_other");
+        let shared = state.clone();
+        let id = alive.id.clone();
+        testing::wait_until("the run to be interrupted", || {
+            let (shared, id) = (shared.clone(), id.clone());
+            async move { status(&shared, &id).await == "interrupted" }
+        })
+        .await;
+        b.stop().await;
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {

@@ -47,7 +47,7 @@ pub enum Source {
 }
 
 /// A webhook as persisted (the state store's `webhook` documents).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookRecord {
     pub id: String,
     pub url: String,

@@ -17,6 +17,7 @@ use super::target::GuardedResolver;
 use super::worker::{self, Signing, WorkerContext, WorkerEvent, WorkerMsg};
 use super::{Source, WebhookRecord, WebhooksError};
 use crate::clock::now_ms;
+use crate::cluster::{self, NodeId};
 use crate::engine::state::{self as state_store, Enqueue, OutboxItem, StateStore, WebhookCursor};
 use crate::engine::EngineError;
 use crate::hub::pattern::Pattern;
@@ -25,7 +26,8 @@ use crate::hub::types::{ChannelName, Seq};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
-const DOC_KIND: &str = "webhook";
+/// The kind of the webhook documents in the state store.
+pub(crate) const DOC_KIND: &str = "webhook";
 /// How long a replaced secret keeps signing beside the new one.
 const ROTATION_OVERLAP_MS: i64 = 24 * 3600 * 1000;
 /// Messages copied from history per read.
@@ -39,6 +41,8 @@ pub struct WebhooksContext {
     pub state: Arc<dyn StateStore>,
     pub metrics: Arc<Metrics>,
     pub feed: CommitFeed,
+    /// This node, holder of the `webhook:{id}` leases of the webhooks it delivers.
+    pub node: NodeId,
 }
 
 /// A registration, as the API or CLI sends it (already checked by `Webhooks::create`).
@@ -123,6 +127,7 @@ struct Registry {
     feed: CommitFeed,
     events: mpsc::UnboundedSender<WorkerEvent>,
     shutdown: CancellationToken,
+    node: NodeId,
     /// A copy failed or notices were dropped: every webhook is caught up from history.
     rescan_needed: bool,
     /// The generation of the newest replay (unique, so each replay queues its own copies).
@@ -160,6 +165,7 @@ impl Webhooks {
             feed: ctx.feed,
             events: events_tx,
             shutdown: shutdown.clone(),
+            node: ctx.node,
             rescan_needed: false,
             last_replay: 0,
         };
@@ -486,11 +492,20 @@ impl Registry {
     ) {
         let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = self.state.is_shared();
+        let mut reload = tokio::time::interval(cluster::RELOAD_EVERY);
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reload.reset();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(command) = commands.recv() => self.command(command).await,
                 Some(event) = events.recv() => self.worker_event(event).await,
+                _ = reload.tick(), if shared => {
+                    if let Err(error) = self.reload().await {
+                        tracing::warn!(%error, "could not read the webhooks of other nodes; will retry");
+                    }
+                }
                 Some(first) = self.feed.receiver.recv() => {
                     let mut notices = vec![first];
                     while notices.len() < NOTICE_BATCH {
@@ -519,9 +534,128 @@ impl Registry {
             }
         }
         let ids: Vec<String> = self.hooks.keys().cloned().collect();
-        for id in ids {
-            self.stop_worker(&id).await;
+        for id in &ids {
+            self.stop_worker(id).await;
         }
+        if shared {
+            // Their outcomes are written: other nodes may take the webhooks over at once.
+            let release = async {
+                for id in &ids {
+                    let lease = cluster::webhook_lease(id);
+                    if let Err(error) = self.state.release(&lease, self.node.as_str()).await {
+                        tracing::warn!(webhook = %id, %error, "could not release the webhook's lease; it lapses");
+                    }
+                }
+            };
+            if tokio::time::timeout(cluster::RELEASE_TIMEOUT, release)
+                .await
+                .is_err()
+            {
+                tracing::warn!("releasing the webhooks' leases took too long; they lapse");
+            }
+        }
+    }
+
+    /// On a shared store: applies what other nodes did to webhooks (registered, deleted,
+    /// enabled, disabled, rotated, their delivery state), as stored.
+    async fn reload(&mut self) -> Result<(), EngineError> {
+        let mut stored: BTreeMap<String, WebhookRecord> = BTreeMap::new();
+        for (id, json) in self.state.docs(DOC_KIND).await? {
+            match serde_json::from_str::<WebhookRecord>(&json) {
+                Ok(record) => {
+                    stored.insert(id, record);
+                }
+                Err(error) => {
+                    tracing::warn!(webhook = %id, %error, "ignoring an unreadable stored webhook")
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .hooks
+            .keys()
+            .filter(|id| !stored.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.stop_worker(&id).await;
+            self.hooks.remove(&id);
+            self.records
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            tracing::info!(webhook = %id, "webhook deleted through another node");
+        }
+        for (id, record) in stored {
+            let Some(local) = self.record(&id) else {
+                self.adopt(record).await?;
+                continue;
+            };
+            if local == record {
+                continue;
+            }
+            let signing_changed = local.secret != record.secret
+                || local.previous_secret != record.previous_secret
+                || local.previous_until_ms != record.previous_until_ms;
+            let was_enabled = local.disabled_reason.is_none();
+            let enabled = record.disabled_reason.is_none();
+            self.publish_record(&record);
+            if was_enabled && !enabled {
+                self.stop_worker(&id).await;
+            } else if !was_enabled && enabled {
+                if let Err(error) = self.catch_up(&id).await {
+                    tracing::warn!(webhook = %id, %error, "catching up failed; will retry");
+                    self.rescan_needed = true;
+                }
+                self.start_worker(&id, true);
+            } else if signing_changed {
+                if let (Some(signing), Some(w)) = (
+                    signing_of(&record),
+                    self.hooks.get(&id).and_then(|h| h.worker.as_ref()),
+                ) {
+                    let _ = w.inbox.send(WorkerMsg::Signing(signing));
+                }
+            }
+        }
+        self.update_wanted();
+        Ok(())
+    }
+
+    /// Takes on a webhook registered through another node: its cursors as stored (written
+    /// before its record, see `create`), what it misses caught up, and a worker.
+    async fn adopt(&mut self, record: WebhookRecord) -> Result<(), EngineError> {
+        let id = record.id.clone();
+        let patterns = record
+            .channels
+            .iter()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .collect();
+        let cursors = self
+            .state
+            .webhook_cursors(&id)
+            .await?
+            .into_iter()
+            .map(|c| (c.channel, (c.epoch, c.seq)))
+            .collect();
+        self.publish_record(&record);
+        self.hooks.insert(
+            id.clone(),
+            Hook {
+                patterns,
+                cursors,
+                worker: None,
+                secret_from_config: false,
+            },
+        );
+        self.update_wanted();
+        if let Err(error) = self.catch_up(&id).await {
+            tracing::warn!(webhook = %id, %error, "catching up failed; will retry");
+            self.rescan_needed = true;
+        }
+        if self.enabled(&id) {
+            self.start_worker(&id, false);
+        }
+        tracing::info!(webhook = %id, url = %record.url, "webhook registered through another node");
+        Ok(())
     }
 
     /// `retry_now`: pending deliveries are tried at once instead of at their scheduled retry
@@ -557,6 +691,7 @@ impl Registry {
             events: self.events.clone(),
             failing_since_ms: record.failing_since_ms,
             retry_now,
+            node: self.node.clone(),
         };
         let task = tokio::spawn(worker::run(ctx, inbox_rx, cancel.clone()));
         hook.worker = Some(WorkerHandle {
@@ -897,7 +1032,7 @@ impl Registry {
         since: Option<Seq>,
     ) -> Result<(), WebhooksError> {
         let id = record.id.clone();
-        self.save(&record).await?;
+        self.publish_record(&record);
         self.hooks.insert(
             id.clone(),
             Hook {
@@ -910,9 +1045,27 @@ impl Registry {
         // Notices on before the snapshot: nothing committed in between is missed, and what
         // the snapshot already covers is skipped by seq.
         self.update_wanted();
-        self.snapshot_cursors(&id, since).await?;
-        if since.is_some() {
-            self.catch_up(&id).await?;
+        // The cursors (and what `since` queues) are stored before the record: another node
+        // sharing the store adopts the webhook from its stored cursors once it finds the record.
+        let stored = async {
+            self.snapshot_cursors(&id, since).await?;
+            if since.is_some() {
+                self.catch_up(&id).await?;
+            }
+            self.save(&record).await
+        }
+        .await;
+        if let Err(error) = stored {
+            self.hooks.remove(&id);
+            self.records
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            self.update_wanted();
+            if let Err(error) = self.state.webhook_forget(&id).await {
+                tracing::warn!(webhook = %id, %error, "could not drop the queue of a webhook that failed to register");
+            }
+            return Err(error.into());
         }
         self.start_worker(&id, false);
         tracing::info!(webhook = %id, url = %record.url, "webhook registered");
@@ -1066,4 +1219,112 @@ fn signing_of(record: &WebhookRecord) -> Option<Signing> {
         _ => None,
     };
     Some(Signing { current, previous })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::testing::{self, SharedState};
+    use crate::hub::types::{Data, EventName, NewMessage};
+
+    /// A webhook registered, disabled and deleted through one node is followed by the other;
+    /// only one of them delivers it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_follows_webhooks_registered_on_another_and_one_delivers() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testing::hub(&dir.path().join("hub"));
+        let state = SharedState::open(&dir.path().join("state"));
+        let (url, seqs) = testing::receiver().await;
+        let (tap, feed_a) = crate::hub::tap::commit_tap(4096);
+        hub.live().set_tap(tap);
+        // B's node hears of no commit: only the store connects the two.
+        let (_tap_b, feed_b) = crate::hub::tap::commit_tap(4096);
+        let start = |feed: CommitFeed| {
+            let metrics = Arc::new(Metrics::default());
+            let shutdown = CancellationToken::new();
+            let started = Webhooks::start(
+                WebhooksContext {
+                    hub: hub.clone(),
+                    state: state.clone(),
+                    metrics: metrics.clone(),
+                    feed,
+                    node: NodeId::generate(),
+                },
+                WebhookPolicy::defaults(true),
+                Vec::new(),
+                shutdown.clone(),
+            );
+            async move { (started.await.unwrap(), metrics, shutdown) }
+        };
+        let (a, a_metrics, a_stop) = start(feed_a).await;
+        let (b, b_metrics, b_stop) = start(feed_b).await;
+
+        let created = a
+            .create(NewWebhook {
+                url,
+                channels: vec!["orders:*".into()],
+                description: None,
+                since: None,
+            })
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let known = |hooks: &Webhooks, id: &str| hooks.record(id).ok();
+        testing::wait_until("B to know the webhook", || {
+            let found = known(&b, &id).is_some();
+            async move { found }
+        })
+        .await;
+
+        let channel = ChannelName::parse("orders:1").unwrap();
+        let messages = (0..20)
+            .map(|i| NewMessage {
+                id: None,
+                event: EventName::default(),
+                data: Data::from_value(&serde_json::json!({ "i": i })).unwrap(),
+            })
+            .collect();
+        hub.publish(&channel, messages).await.unwrap();
+        let received = seqs.clone();
+        testing::wait_until("twenty deliveries", || {
+            let n = received.lock().unwrap().len();
+            async move { n >= 20 }
+        })
+        .await;
+        assert_eq!(*seqs.lock().unwrap(), (1..=20).collect::<Vec<u64>>());
+        let sent = |m: &Metrics| {
+            m.webhook_deliveries
+                .get_or_create(&vec![("result", "success")])
+                .get()
+        };
+        // Counted once the answer is read, a moment after the receiver saw the request.
+        testing::wait_until("twenty successes counted", || {
+            let n = sent(&a_metrics) + sent(&b_metrics);
+            async move { n >= 20 }
+        })
+        .await;
+        assert_eq!(sent(&a_metrics) + sent(&b_metrics), 20);
+        assert!(
+            sent(&a_metrics) == 0 || sent(&b_metrics) == 0,
+            "one node delivers"
+        );
+
+        a.set_enabled(&id, false).await.unwrap();
+        testing::wait_until("B to see it disabled", || {
+            let disabled = known(&b, &id).is_some_and(|r| r.disabled_reason.is_some());
+            async move { disabled }
+        })
+        .await;
+        a.delete(&id).await.unwrap();
+        testing::wait_until("B to forget it", || {
+            let gone = known(&b, &id).is_none();
+            async move { gone }
+        })
+        .await;
+        for (hooks, stop) in [(a, a_stop), (b, b_stop)] {
+            stop.cancel();
+            hooks.tasks().close();
+            hooks.tasks().wait().await;
+        }
+    }
 }

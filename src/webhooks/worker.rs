@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::sign::{signature_header, Secret};
 use super::spec::WebhookPolicy;
+use super::WebhookRecord;
 use crate::clock::{now_ms, rfc3339_ms};
-use crate::engine::state::{PendingDelivery, Settle, StateStore};
+use crate::cluster::{self, NodeId};
+use crate::engine::state::{self as state_store, PendingDelivery, Settle, StateStore};
 use crate::metrics::Metrics;
 
 /// Channels of one webhook with a request in flight at once.
@@ -109,6 +111,8 @@ pub struct WorkerContext {
     pub failing_since_ms: Option<i64>,
     /// Try what is pending at once rather than at its scheduled retry (set when re-enabled).
     pub retry_now: bool,
+    /// This node: it delivers only while it holds the lease `webhook:{id}`.
+    pub node: NodeId,
 }
 
 impl WorkerContext {
@@ -161,14 +165,24 @@ struct Worker {
     settles: Vec<Settle>,
     log: Vec<String>,
     settle_by: Option<tokio::time::Instant>,
+    /// Whether other nodes share the store (and may hold the lease).
+    shared: bool,
+    /// While this node holds the webhook's lease: when it lapses unless renewed.
+    held_until: Option<tokio::time::Instant>,
 }
 
-/// Runs until `cancel` fires or the webhook disables itself.
+/// Runs until `cancel` fires or the webhook disables itself. Delivers only while this node holds
+/// the lease `webhook:{id}` (a one-node store grants it at once and for good): the lease is
+/// renewed every `cluster::RENEW_EVERY`, and a worker whose node does not hold it tries as often
+/// to take it. The lease is not released when the worker stops (the webhook was disabled or
+/// deleted: other nodes learn that from the store before it lapses); the registry releases it
+/// at shutdown.
 pub async fn run(
     ctx: WorkerContext,
     mut inbox: mpsc::UnboundedReceiver<WorkerMsg>,
     cancel: CancellationToken,
 ) {
+    let shared = ctx.state.is_shared();
     let mut w = Worker {
         ctx,
         queues: BTreeMap::new(),
@@ -181,18 +195,30 @@ pub async fn run(
         settles: Vec::new(),
         log: Vec::new(),
         settle_by: None,
+        shared,
+        held_until: None,
     };
+    let lease = cluster::webhook_lease(&w.ctx.id);
     let mut attempts: JoinSet<AttemptDone> = JoinSet::new();
     let mut load_retry: Option<tokio::time::Instant> = None;
+    // When to take or renew the lease next; None once a one-node store granted it.
+    let mut lease_check = Some(tokio::time::Instant::now());
     loop {
-        if load_retry.is_none() && (w.wants_page() || !w.refill.is_empty()) {
-            if let Err(error) = w.load().await {
-                tracing::warn!(webhook = %w.ctx.id, %error, "cannot read the webhook queue; retrying");
-                load_retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-            }
+        if lease_check.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            w.keep_lease(&lease, &mut attempts).await;
+            lease_check = shared.then(|| tokio::time::Instant::now() + cluster::RENEW_EVERY);
         }
-        let next_due = w.start_due(&mut attempts);
-        let wake_at = [next_due, w.settle_by, load_retry]
+        let mut next_due = None;
+        if w.held_until.is_some() {
+            if load_retry.is_none() && (w.wants_page() || !w.refill.is_empty()) {
+                if let Err(error) = w.load().await {
+                    tracing::warn!(webhook = %w.ctx.id, %error, "cannot read the webhook queue; retrying");
+                    load_retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+            next_due = w.start_due(&mut attempts);
+        }
+        let wake_at = [next_due, w.settle_by, load_retry, lease_check]
             .into_iter()
             .flatten()
             .min();
@@ -235,6 +261,101 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 impl Worker {
+    /// Takes or renews the webhook's lease. Taking it starts delivery from the queue as stored
+    /// (another node may have delivered part of it); losing it (or failing to renew it until it
+    /// may lapse) stops delivery at once, abandoning attempts in flight: the new holder sends
+    /// them again (at least once).
+    async fn keep_lease(&mut self, lease: &str, attempts: &mut JoinSet<AttemptDone>) {
+        let asked = tokio::time::Instant::now();
+        let result = self
+            .ctx
+            .state
+            .lease(
+                lease,
+                self.ctx.node.as_str(),
+                cluster::ms(cluster::LEASE_TTL),
+            )
+            .await;
+        match result {
+            Ok(true) if self.held_until.is_none() => {
+                if self.take_over().await {
+                    self.held_until = Some(asked + cluster::LEASE_TTL);
+                } else if let Err(error) =
+                    self.ctx.state.release(lease, self.ctx.node.as_str()).await
+                {
+                    tracing::warn!(webhook = %self.ctx.id, %error, "could not release the webhook's lease; it lapses");
+                }
+            }
+            Ok(true) => {
+                self.held_until = Some(asked + cluster::LEASE_TTL);
+                // Other nodes queue too, and their commits may not reach this node's registry.
+                self.more_in_store = true;
+            }
+            Ok(false) => {
+                if self.held_until.is_some() {
+                    tracing::warn!(webhook = %self.ctx.id, "another node holds the webhook's lease; this node stops delivering it");
+                    self.stand_down(attempts);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(webhook = %self.ctx.id, %error, "could not take or renew the webhook's lease; will retry");
+                // Stop before the lease may lapse: another node may deliver after that.
+                if self
+                    .held_until
+                    .is_some_and(|until| until <= asked + cluster::RENEW_EVERY)
+                {
+                    self.stand_down(attempts);
+                }
+            }
+        }
+    }
+
+    /// This node has just taken the lease. On a shared store the webhook may have been
+    /// disabled or deleted through another node: then it does not deliver (false).
+    async fn take_over(&mut self) -> bool {
+        if self.shared {
+            let record = state_store::get_typed::<WebhookRecord>(
+                self.ctx.state.as_ref(),
+                super::registry::DOC_KIND,
+                &self.ctx.id,
+            )
+            .await;
+            match record {
+                Ok(Some(record)) if record.disabled_reason.is_none() => {
+                    self.ctx.failing_since_ms = record.failing_since_ms;
+                }
+                Ok(_) => return false,
+                Err(error) => {
+                    tracing::warn!(webhook = %self.ctx.id, %error, "cannot read the webhook; will retry");
+                    return false;
+                }
+            }
+            tracing::info!(webhook = %self.ctx.id, node = %self.ctx.node, "this node delivers the webhook");
+        }
+        self.forget_queue();
+        true
+    }
+
+    /// Stops delivering: what is in memory and in flight is dropped (outcomes already known
+    /// are still written).
+    fn stand_down(&mut self, attempts: &mut JoinSet<AttemptDone>) {
+        self.held_until = None;
+        // Dropping the set aborts its attempts; none of their outcomes can arrive later.
+        *attempts = JoinSet::new();
+        self.forget_queue();
+    }
+
+    /// Empties the in-memory queue, so it is read again from the store.
+    fn forget_queue(&mut self) {
+        self.queues.clear();
+        self.queued = 0;
+        self.refill.clear();
+        self.started_last = None;
+        self.in_flight.clear();
+        self.loaded_key = 0;
+        self.more_in_store = true;
+    }
+
     /// Another page is worth reading while little of what is in memory can be sent now.
     fn wants_page(&self) -> bool {
         if !self.more_in_store || self.queued >= TOTAL_CAP {
@@ -647,6 +768,166 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::testing::{self, SharedState};
+    use crate::engine::state::{Enqueue, OutboxItem};
+    use crate::webhooks::Source;
+
+    const ID: &str = "wh_test";
+
+    async fn enqueue(state: &SharedState, seqs: std::ops::RangeInclusive<u64>) {
+        let items = seqs
+            .map(|seq| OutboxItem {
+                channel: "orders:1".into(),
+                epoch: "e".into(),
+                seq,
+                body: format!("{{\"seq\":{seq}}}"),
+                replay: 0,
+            })
+            .collect();
+        state
+            .webhook_enqueue(vec![Enqueue {
+                webhook: ID.into(),
+                items,
+                cursors: Vec::new(),
+            }])
+            .await
+            .unwrap();
+    }
+
+    /// A worker of webhook `ID` on its own node, its deliveries counted in its own metrics.
+    struct Running {
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+        task: tokio::task::JoinHandle<()>,
+        _inbox: mpsc::UnboundedSender<WorkerMsg>,
+    }
+
+    fn spawn_worker(state: &Arc<SharedState>, url: &str, node: &NodeId) -> Running {
+        let metrics = Arc::new(Metrics::default());
+        let (events, _) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let ctx = WorkerContext {
+            id: ID.into(),
+            url: url::Url::parse(url).unwrap(),
+            signing: Signing {
+                current: Secret::generate(),
+                previous: None,
+            },
+            policy: Arc::new(WebhookPolicy::defaults(true)),
+            client: reqwest::Client::new(),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            events,
+            failing_since_ms: None,
+            retry_now: false,
+            node: node.clone(),
+        };
+        let task = tokio::spawn(run(ctx, inbox_rx, cancel.clone()));
+        Running {
+            stop: cancel,
+            metrics,
+            task,
+            _inbox: inbox,
+        }
+    }
+
+    async fn wait_for_empty_queue(state: &Arc<SharedState>) {
+        let state = state.clone();
+        testing::wait_until("the queue to be empty", || {
+            let state = state.clone();
+            async move { state.webhook_pending_count(ID).await.unwrap() == 0 }
+        })
+        .await;
+    }
+
+    fn delivered(metrics: &Metrics) -> u64 {
+        metrics
+            .webhook_deliveries
+            .get_or_create(&vec![("result", "success")])
+            .get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_node_delivers_and_another_resumes_when_its_lease_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SharedState::open(dir.path());
+        let (url, seqs) = testing::receiver().await;
+        let record = WebhookRecord {
+            id: ID.into(),
+            url: url.clone(),
+            channels: vec!["orders:*".into()],
+            description: None,
+            created_ms: now_ms(),
+            source: Source::Api,
+            secret: Secret::generate().as_str().to_owned(),
+            previous_secret: None,
+            previous_until_ms: None,
+            disabled_reason: None,
+            failing_since_ms: None,
+            last_error: None,
+            failed: 0,
+        };
+        state_store::put_typed(
+            state.as_ref(),
+            super::super::registry::DOC_KIND,
+            ID,
+            &record,
+        )
+        .await
+        .unwrap();
+        enqueue(&state, 1..=20).await;
+        // A node that died holds the lease for a while: nobody delivers until it lapses.
+        let lease = cluster::webhook_lease(ID);
+        state.hold(&lease, "node_dead", cluster::LEASE_TTL);
+        let (a, b) = (NodeId::generate(), NodeId::generate());
+        let workers = [
+            spawn_worker(&state, &url, &a),
+            spawn_worker(&state, &url, &b),
+        ];
+        tokio::time::sleep(cluster::RENEW_EVERY * 2).await;
+        assert!(
+            seqs.lock().unwrap().is_empty(),
+            "nothing sent under another's lease"
+        );
+        let received = seqs.clone();
+        testing::wait_until("twenty deliveries", || {
+            let n = received.lock().unwrap().len();
+            async move { n >= 20 }
+        })
+        .await;
+        wait_for_empty_queue(&state).await;
+        let holder = state.holder(&lease).expect("a holder");
+        let [first, second] = workers;
+        let (dead, live) = if holder == a.as_str() {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        assert_eq!(delivered(&dead.metrics), 20);
+        assert_eq!(delivered(&live.metrics), 0, "the other node sent nothing");
+
+        // The holder dies (its lease lapses, it never releases it); the other goes on from the
+        // queue as stored.
+        dead.stop.cancel();
+        dead.task.await.unwrap();
+        state.lapse_leases_of(&holder);
+        enqueue(&state, 21..=30).await;
+        testing::wait_until("thirty deliveries", || {
+            let n = received.lock().unwrap().len();
+            async move { n >= 30 }
+        })
+        .await;
+        wait_for_empty_queue(&state).await;
+        assert_eq!(
+            *seqs.lock().unwrap(),
+            (1..=30).collect::<Vec<u64>>(),
+            "each once, in order"
+        );
+        assert_eq!(delivered(&live.metrics), 10);
+        live.stop.cancel();
+        live.task.await.unwrap();
+    }
 
     #[test]
     fn retry_after_takes_seconds_and_dates_and_is_capped() {

@@ -12,6 +12,8 @@
 mod harness;
 mod http;
 mod pages;
+#[path = "../it/redis_support.rs"]
+mod redis_support;
 #[path = "../it/support.rs"]
 mod support;
 

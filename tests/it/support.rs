@@ -40,6 +40,8 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     /// Holds the temp dir alive when the test did not give one.
     _tmp: Option<tempfile::TempDir>,
+    /// The Redis this node runs on when the suite runs against the Redis engine.
+    _redis: Option<crate::redis_support::RedisServer>,
     pub http: reqwest::Client,
 }
 
@@ -58,12 +60,21 @@ impl TestServer {
             Some(d) => (d.clone(), None),
             None => (tmp.path().join("data"), Some(tmp)),
         };
+        // `TIDINGS_TEST_ENGINE=redis`: the same tests against a node on its own redis-server
+        // (tests that pass `--engine` or reuse a data directory choose for themselves).
+        let on_redis = std::env::var("TIDINGS_TEST_ENGINE").is_ok_and(|e| e == "redis")
+            && opts.data_dir.is_none()
+            && !opts.args.iter().any(|a| a == "--engine");
+        let redis = on_redis.then(crate::redis_support::RedisServer::start);
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--listen")
             .arg(opts.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into()))
             .arg("--data")
             .arg(&data_dir);
+        if let Some(r) = &redis {
+            cmd.arg("--engine").arg(r.url());
+        }
         if let Some(config) = &opts.config {
             let path = data_dir.with_extension("toml");
             if let Some(parent) = path.parent() {
@@ -103,6 +114,7 @@ impl TestServer {
             base: format!("http://{addr}"),
             data_dir,
             _tmp: keep,
+            _redis: redis,
             http: reqwest::Client::new(),
         }
     }
