@@ -43,3 +43,14 @@ cargo clippy --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --all-targets --locked
+
+# The same integration suite once more with every hub on its own redis-server (SPEC §6: the
+# Redis engine gives the guarantees of §2). Skipped: tests that restart a hub on the data
+# directory of the first start — on Redis the state is not in that directory, so they test
+# the embedded engine only. The two-node tests (cluster*.rs) ran above.
+log "cargo test --test it on the Redis engine"
+TIDINGS_TEST_ENGINE=redis cargo test --locked --test it -- \
+  --skip jobs_failure::sigterm_cancels_running_runs_and_exits_0 \
+  --skip jobs_failure::a_run_caught_by_kill_9_is_interrupted_at_restart_and_retried \
+  --skip jobs_schedule::catch_up_runs_once_at_start_up_after_a_missed_tick \
+  --skip shutdown::sigterm_closes_streams_exits_0_and_keeps_every_acknowledged_message
