@@ -1,9 +1,13 @@
-//! Test support: a real `redis-server` (the Debian package) on a free loopback port, without
-//! persistence, in its own temp directory; killed when dropped. Start-up waits until the
-//! server answers `PING`, with a time limit (never a fixed sleep). A machine without
-//! `redis-server` fails the test: `scripts/test.sh` installs it.
+//! Test support: a real `redis-server` (the Debian package) on a free loopback port, in its own
+//! temp directory (without persistence, or with an append-only file fsynced on every write);
+//! killed when dropped. Start-up waits until the server answers `PING`, with a time limit
+//! (never a fixed sleep). A machine without `redis-server` fails the test: `scripts/test.sh`
+//! installs it.
 //!
-//! `tests/it/redis_support.rs` is a standalone copy for the integration tests.
+//! Compiled into the library's unit tests (`engine::redis_testing`) and, through `#[path]`,
+//! into the integration tests (`tests/it`, `tests/browser`).
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -19,23 +23,35 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// AOF with `appendfsync always`: every acknowledged write survives a kill.
+    aof: bool,
 }
 
 impl RedisServer {
     /// Starts a server on a free loopback port and waits until it answers `PING`.
     /// Panics (failing the test) when `redis-server` is missing or will not start.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Like `start`, with an append-only file fsynced on every write, kept across `restart`.
+    pub fn start_aof() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Self {
         let dir = tempfile::tempdir().expect("a temp directory for redis-server");
         let mut failures = Vec::new();
         // The port is free when found but may be taken before the server binds it: try again.
         for _ in 0..5 {
             let port = free_port();
-            match spawn(dir.path(), port) {
+            match spawn(dir.path(), port, aof) {
                 Ok(child) => {
                     return Self {
                         child: Some(child),
                         port,
                         dir,
+                        aof,
                     }
                 }
                 Err(e) => failures.push(e),
@@ -61,12 +77,12 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty: nothing is persisted).
+    /// Starts the server again on the same port (empty unless started with `start_aof`).
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn(self.dir.path(), self.port) {
+            match spawn(self.dir.path(), self.port, self.aof) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -99,7 +115,7 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn spawn(dir: &Path, port: u16) -> Result<Child, String> {
+fn spawn(dir: &Path, port: u16, aof: bool) -> Result<Child, String> {
     let log = dir.join(format!("redis-{port}.log"));
     let spawned = Command::new("redis-server")
         .arg("--port")
@@ -109,7 +125,9 @@ fn spawn(dir: &Path, port: u16) -> Result<Child, String> {
         .arg("--save")
         .arg("")
         .arg("--appendonly")
-        .arg("no")
+        .arg(if aof { "yes" } else { "no" })
+        .arg("--appendfsync")
+        .arg("always")
         .arg("--daemonize")
         .arg("no")
         .arg("--dir")

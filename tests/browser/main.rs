@@ -12,7 +12,7 @@
 mod harness;
 mod http;
 mod pages;
-#[path = "../it/redis_support.rs"]
+#[path = "../../src/engine/redis_testing.rs"]
 mod redis_support;
 #[path = "../it/support.rs"]
 mod support;

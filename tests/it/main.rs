@@ -21,6 +21,7 @@ mod jobs;
 mod jobs_failure;
 mod jobs_isolation;
 mod jobs_schedule;
+#[path = "../../src/engine/redis_testing.rs"]
 mod redis_support;
 mod shutdown;
 mod smoke;
