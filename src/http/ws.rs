@@ -556,6 +556,12 @@ async fn run_subscription(
                 return;
             }
         };
+        // Room in the queue is the common case: no timer for it.
+        let item = match out.try_send(item) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
         match tokio::time::timeout(SLOW_CONSUMER_AFTER, out.send(item)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return, // the connection is gone
