@@ -169,6 +169,9 @@ pub struct RedisEngine {
     delete: Script,
     health: Arc<RedisHealth>,
     metrics: Arc<Metrics>,
+    /// This node's live fan-out: told of its own commits and resets at once (read-your-writes
+    /// on the node that published), and of everyone's through pub/sub.
+    sink: Arc<dyn LiveSink>,
     stop: CancellationToken,
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -212,6 +215,7 @@ impl RedisEngine {
                 gauge: metrics.store_up.clone(),
             }),
             metrics,
+            sink: sink.clone(),
             stop: CancellationToken::new(),
             listener: std::sync::Mutex::new(None),
         });
@@ -488,19 +492,39 @@ impl Engine for RedisEngine {
                 "unexpected answer from the publish script".into(),
             ));
         };
+        let epoch = items
+            .first()
+            .and_then(text)
+            .and_then(|e| Epoch::parse(&e).ok());
         let mut results = Vec::with_capacity(prepared.len());
-        for (pair, (_, id, _, _)) in items.get(1..).unwrap_or(&[]).chunks(2).zip(&prepared) {
+        let mut fresh: Vec<SharedMessage> = Vec::new();
+        for (pair, (_, id, head, tail)) in items.get(1..).unwrap_or(&[]).chunks(2).zip(&prepared) {
             let [seq, dup] = pair else { break };
+            let seq = int(seq).unwrap_or(0).max(0) as Seq;
+            let duplicate = int(dup) == Some(1);
+            if !duplicate {
+                let json = Bytes::from(format!("{head}{seq}{tail}"));
+                fresh.push(Arc::new(Message::new(
+                    channel.clone(),
+                    seq,
+                    id.clone(),
+                    now,
+                    json,
+                )));
+            }
             results.push(Published {
-                seq: int(seq).unwrap_or(0).max(0) as Seq,
+                seq,
                 id: id.clone(),
-                duplicate: int(dup) == Some(1),
+                duplicate,
             });
         }
         if results.len() != prepared.len() {
             return Err(EngineError::Internal(
                 "the publish script answered for fewer messages than sent".into(),
             ));
+        }
+        if let (Some(epoch), false) = (epoch, fresh.is_empty()) {
+            self.sink.committed(channel, &epoch, &fresh);
         }
         Ok(results)
     }
@@ -624,6 +648,7 @@ impl Engine for RedisEngine {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.seen(e))?;
+        self.sink.reset(channel, &epoch);
         Ok(epoch)
     }
 

@@ -446,6 +446,10 @@ async fn stalled_websockets_on_big_messages_hold_bounded_memory() {
                     assert_eq!(code, Some(4008), "{who}");
                     break;
                 }
+                // A client that reads nothing for 30 s (the write timeout) is dropped without
+                // a close frame: on a loaded machine reading the clients before it takes that
+                // long. It resumes like a closed one.
+                None => break,
                 other => panic!("{who}: ended without 4008 at seq {next}: {other:?}"),
             }
         }
