@@ -101,5 +101,13 @@ run_case fanout-sse100-max full fanout --transport sse --subscribers 100 --messa
 run_case fanout-sse100-max-4pub full fanout --transport sse --subscribers 100 --messages 10000 --size 100 --publishers 4 --timeout 120
 run_case webhooks-16ch full webhooks --messages 20000 --channels 16 --size 100 --timeout 120
 run_case webhooks-1ch full webhooks --messages 5000 --channels 1 --size 100 --timeout 120
+# Hub memory per idle subscribed WebSocket (each on its own channel), and all still answering.
+run_case idle-ws1000 full idle --connections 1000 --hold 5 --timeout 60
+# The latency definition: 1,000 subscribers, one channel, 100 msg/s for 10 s.
+run_case latency-ws1000-r100 full latency --subscribers 1000 --rate 100 --duration 10 --size 100 --timeout 60
+run_case channels-1000x10 full channels --channels 1000 --rounds 10 --size 100 --publishers 16 --timeout 120
+# 1,000 clients at once, each catching up on the last 100 messages of one channel.
+run_case resume-sse1000 full resume --clients 1000 --backlog 100 --older 100 --transport sse --timeout 120
+run_case resume-ws1000 full resume --clients 1000 --backlog 100 --older 100 --transport ws --timeout 120
 
 echo "results in $OUT"

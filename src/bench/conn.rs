@@ -96,8 +96,13 @@ impl Target {
 
     /// Opens a WebSocket to `/ws`.
     pub async fn websocket(&self) -> Result<WebSocketStream<TcpStream>, BenchError> {
+        self.websocket_at("/ws").await
+    }
+
+    /// Opens a WebSocket to `path` (which may carry a query).
+    pub async fn websocket_at(&self, path: &str) -> Result<WebSocketStream<TcpStream>, BenchError> {
         let tcp = self.tcp().await?;
-        let mut req = format!("ws://{}/ws", self.authority)
+        let mut req = format!("ws://{}{path}", self.authority)
             .into_client_request()
             .map_err(|e| BenchError::Connect(format!("bad WebSocket URL: {e}")))?;
         if let Some(key) = &self.key {

@@ -1,6 +1,10 @@
 //! `tidings bench fanout`: S subscribers (WebSocket or SSE) on one channel, then publishers
 //! send M messages stamped with their send time; every subscriber checks it got each seq once,
 //! in order, and records publish→delivery latency on the run's shared clock.
+//!
+//! With `--peer nchan|socketio` the same run drives a peer server instead (see `super::peer`):
+//! WebSocket subscribers, HTTP publishes, and the publisher's own message number `n` in place
+//! of the hub's seq.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{HttpConn, Target};
+use super::peer::{self, Peer, PeerData, SioPacket};
 use super::procstat::MachineSample;
 use super::stats::{human_ns, human_rate, Histogram};
 use super::{BenchError, CommonArgs, Ctx, Report};
@@ -70,6 +75,10 @@ pub struct FanoutArgs {
     /// the deliveries measured crossed from one node to the other.
     #[arg(long)]
     pub publish_server: Option<String>,
+    /// Drive this peer server (started by `scripts/peers.sh`) instead of a Tidings hub, with
+    /// the same load and measurements: WebSocket subscribers, HTTP publishes.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -155,6 +164,9 @@ struct Stamp {
     t: Option<u64>,
 }
 
+/// Publishes carry the message number `n` (1-based) alongside the time stamp only for peers.
+const FIRST_N: u64 = 1;
+
 /// What every subscriber shares.
 struct Shared {
     target: Arc<Target>,
@@ -224,13 +236,7 @@ impl Receiver {
                     self.unparsed += 1;
                     return None;
                 };
-                let received = shared.now_ns();
-                if self.tracker.record(seq) == Seen::New {
-                    if let Some(t) = frame.data.and_then(|d| d.t) {
-                        shared.latency.record(received.saturating_sub(t));
-                    }
-                    self.last_delivery = Some(Instant::now());
-                }
+                self.delivered(shared, seq, frame.data.and_then(|d| d.t));
                 None
             }
             Some("error") => Some(format!(
@@ -241,6 +247,25 @@ impl Receiver {
             // A mid-stream `subscribed` means the hub reset this subscription.
             Some("subscribed") => Some("subscription reset by the hub".into()),
             Some(_) => None,
+        }
+    }
+
+    /// Accounts one delivery of `seq`, sent at `t` (ns on the run's clock).
+    fn delivered(&mut self, shared: &Shared, seq: u64, t: Option<u64>) {
+        let received = shared.now_ns();
+        if self.tracker.record(seq) == Seen::New {
+            if let Some(t) = t {
+                shared.latency.record(received.saturating_sub(t));
+            }
+            self.last_delivery = Some(Instant::now());
+        }
+    }
+
+    /// Accounts one body published to a peer (`{"n":…,"t":…,"pad":…}`).
+    fn peer_data(&mut self, shared: &Shared, text: &str) {
+        match serde_json::from_str::<PeerData>(text) {
+            Ok(PeerData { n: Some(n), t }) => self.delivered(shared, n, t),
+            _ => self.unparsed += 1,
         }
     }
 
@@ -337,6 +362,127 @@ async fn ws_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
     // Best effort: say goodbye without holding up the run.
     let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
     rx.finish(ended_early)
+}
+
+/// A WebSocket subscriber of a peer: Nchan sends each published body as one frame; Socket.IO
+/// needs its handshake (`0{…}` open, `40` connect, `40{…}` connected) and pongs, and wraps
+/// each body as `42["message",BODY]`.
+async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOutcome {
+    let path = peer.subscribe_path(&shared.channel);
+    let setup = async {
+        let _permit = shared
+            .connects
+            .acquire()
+            .await
+            .map_err(|_| "connect limiter closed".to_owned())?;
+        let started = Instant::now();
+        let mut ws = shared
+            .target
+            .websocket_at(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        if peer == Peer::Socketio {
+            sio_connect(&mut ws).await?;
+        }
+        // Nchan subscribes during the handshake: an open socket is a subscription.
+        let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Ok((ws, connect_ns))
+    };
+    let setup = tokio::select! {
+        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
+        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
+            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
+        }
+    };
+    let (mut ws, connect_ns) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return SubOutcome::failed();
+        }
+    };
+    let _ = ready.send(Ok(connect_ns));
+    let mut rx = Receiver::new(FIRST_N - 1, shared.expected);
+    let ended_early = loop {
+        if rx.tracker.complete() {
+            break None;
+        }
+        let frame = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break Some("timed out".to_owned()),
+            frame = ws.next() => frame,
+        };
+        let text = match frame {
+            None => break Some("connection closed".into()),
+            Some(Err(e)) => break Some(format!("connection error: {e}")),
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Binary(data))) if peer == Peer::Nchan => {
+                match std::str::from_utf8(&data) {
+                    Ok(text) => rx.peer_data(&shared, text),
+                    Err(_) => rx.unparsed += 1,
+                }
+                continue;
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                break Some(match frame {
+                    Some(f) => format!("closed by the server: {} {}", u16::from(f.code), f.reason),
+                    None => "closed by the server".into(),
+                })
+            }
+            Some(Ok(_)) => continue,
+        };
+        match peer {
+            Peer::Nchan => rx.peer_data(&shared, text.as_str()),
+            Peer::Socketio => match peer::parse_sio(text.as_str()) {
+                SioPacket::Message(data) => rx.peer_data(&shared, data),
+                SioPacket::Ping => {
+                    if let Err(e) = ws.send(WsMessage::text(peer::SIO_PONG)).await {
+                        break Some(format!("sending pong: {e}"));
+                    }
+                }
+                SioPacket::Close | SioPacket::Disconnected => {
+                    break Some("disconnected by the server".into())
+                }
+                SioPacket::ConnectError(why) => break Some(format!("connect error {why}")),
+                SioPacket::Open | SioPacket::Connected | SioPacket::Other => {}
+            },
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    rx.finish(ended_early)
+}
+
+/// The Socket.IO handshake on an open WebSocket: the server's open packet, our namespace
+/// connect, its confirmation. The room is joined (from the `channel` query) by then.
+async fn sio_connect(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> Result<(), String> {
+    let mut opened = false;
+    while let Some(frame) = ws.next().await {
+        let frame = frame.map_err(|e| format!("before connected: {e}"))?;
+        let WsMessage::Text(text) = frame else {
+            continue;
+        };
+        match peer::parse_sio(text.as_str()) {
+            SioPacket::Open if !opened => {
+                opened = true;
+                ws.send(WsMessage::text(peer::SIO_CONNECT))
+                    .await
+                    .map_err(|e| format!("sending connect: {e}"))?;
+            }
+            SioPacket::Connected if opened => return Ok(()),
+            SioPacket::Ping => ws
+                .send(WsMessage::text(peer::SIO_PONG))
+                .await
+                .map_err(|e| format!("sending pong: {e}"))?,
+            SioPacket::ConnectError(why) => return Err(format!("connect refused: {why}")),
+            SioPacket::Close | SioPacket::Disconnected => {
+                return Err("disconnected before connected".into())
+            }
+            _ => {}
+        }
+    }
+    Err("connection closed before connected".to_owned())
 }
 
 async fn sse_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
@@ -457,6 +603,8 @@ enum Published {
 struct Publisher {
     target: Arc<Target>,
     path: String,
+    /// Publishing to a peer: the body is the numbered data itself (see `super::peer`).
+    peer: Option<Peer>,
     pad: String,
     epoch: Instant,
     deadline: Instant,
@@ -466,9 +614,9 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes one stamped message on `conn` (reconnecting it if the hub closed it) and
-    /// waits for its acknowledgement.
-    async fn publish_one(&self, conn: &mut Option<HttpConn>) -> Published {
+    /// Publishes stamped message number `n` on `conn` (reconnecting it if the hub closed it)
+    /// and waits for its acknowledgement. A hub ignores `n` (it numbers messages itself).
+    async fn publish_one(&self, conn: &mut Option<HttpConn>, n: u64) -> Published {
         if !conn.as_ref().is_some_and(HttpConn::is_open) {
             match tokio::time::timeout_at(self.deadline.into(), HttpConn::connect(&self.target))
                 .await
@@ -483,18 +631,23 @@ impl Publisher {
         };
         let sent = Instant::now();
         let mut body = String::with_capacity(self.pad.len() + 64);
-        body.push_str("{\"data\":");
         let t = u64::try_from(sent.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        super::stamped_data(&mut body, t, &self.pad);
-        body.push('}');
+        if self.peer.is_some() {
+            peer::body(&mut body, n, t, &self.pad);
+        } else {
+            body.push_str("{\"data\":");
+            super::stamped_data(&mut body, t, &self.pad);
+            body.push('}');
+        }
         let call = c.call(
             &self.target,
             hyper::Method::POST,
             &self.path,
             Bytes::from(body),
         );
+        let accepted = |status: u16| self.peer.map_or(status == 201, |p| p.accepted(status));
         match tokio::time::timeout_at(self.deadline.into(), call).await {
-            Ok(Ok((201, _))) => {
+            Ok(Ok((status, _))) if accepted(status) => {
                 let now = Instant::now();
                 let ns = u64::try_from(now.duration_since(sent).as_nanos()).unwrap_or(u64::MAX);
                 self.ack_latency.record(ns);
@@ -515,8 +668,9 @@ impl Publisher {
         let mut conn = None;
         let mut i = first;
         while i < total && Instant::now() < self.deadline {
+            let n = i + FIRST_N;
             i += step;
-            match self.publish_one(&mut conn).await {
+            match self.publish_one(&mut conn, n).await {
                 Published::OutOfTime => break,
                 outcome => tally.add(outcome),
             }
@@ -562,7 +716,7 @@ impl Publisher {
             let me = self.clone();
             let idle = idle_tx.clone();
             inflight.spawn(async move {
-                let outcome = me.publish_one(&mut conn).await;
+                let outcome = me.publish_one(&mut conn, i + FIRST_N).await;
                 let _ = idle.send(conn).await;
                 outcome
             });
@@ -597,6 +751,11 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         return Err(BenchError::Usage(
             "--subscribers, --messages, --publishers and --connect-concurrency must be at least 1"
                 .into(),
+        ));
+    }
+    if args.peer.is_some() && args.transport != Transport::Ws {
+        return Err(BenchError::Usage(
+            "--peer runs WebSocket subscribers only (no --transport sse)".into(),
         ));
     }
     if let Some(r) = args.rate {
@@ -635,9 +794,10 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     for _ in 0..args.subscribers {
         let (tx, rx) = oneshot::channel();
         readies.push(rx);
-        subscribers.push(match args.transport {
-            Transport::Ws => tokio::spawn(ws_subscriber(shared.clone(), tx)),
-            Transport::Sse => tokio::spawn(sse_subscriber(shared.clone(), tx)),
+        subscribers.push(match (args.peer, args.transport) {
+            (Some(p), _) => tokio::spawn(peer_subscriber(shared.clone(), tx, p)),
+            (None, Transport::Ws) => tokio::spawn(ws_subscriber(shared.clone(), tx)),
+            (None, Transport::Sse) => tokio::spawn(sse_subscriber(shared.clone(), tx)),
         });
     }
     let connect_latency = Histogram::default();
@@ -668,7 +828,11 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     };
     let publisher = Arc::new(Publisher {
         target: publish_target,
-        path: format!("/api/channels/{channel}/messages"),
+        path: match args.peer {
+            Some(p) => p.publish_path(&channel),
+            None => format!("/api/channels/{channel}/messages"),
+        },
+        peer: args.peer,
         pad,
         epoch: ctx.epoch,
         deadline: ctx.deadline,
@@ -755,6 +919,9 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         .last_ack
         .map(|l| l.saturating_duration_since(publish_start));
     let timed_out = ctx.timed_out() && (lost > 0 || connect_failures > 0);
+    // A peer's order is the publisher's numbering: with publishes in flight at once, they may
+    // reach the peer in another order, so out-of-order deliveries are reported, not a failure.
+    let order_checked = args.peer.is_none() || (publishers == 1 && args.rate.is_none());
     let lat = shared.latency.summary();
     let wall = finished - publish_start;
     let server_usage = super::usage(server0, server1, server2);
@@ -762,6 +929,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     let json = json!({
         "scenario": "fanout",
         "transport": args.transport.name(),
+        "peer": args.peer.map(Peer::name),
         "server": ctx.target.url(""),
         "channel": channel,
         "params": {
@@ -798,6 +966,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
             "lost": lost,
             "duplicates": duplicates,
             "out_of_order": out_of_order,
+            "order_checked": order_checked,
             "unexpected": unexpected,
             "unparsed": unparsed,
             "duration_s": delivery_span.map(super::secs),
@@ -816,9 +985,10 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         super::cpu_note(u, who, received, "delivery", wall)
     };
     let summary = format!(
-        "fanout {} s={} m={} size={} rate={}: {}/{} delivered ({} lost, {} dup, {} out of order) at {} deliveries/s; \
+        "fanout {}{} s={} m={} size={} rate={}: {}/{} delivered ({} lost, {} dup, {} out of order) at {} deliveries/s; \
          latency p50 {} p90 {} p99 {} p99.9 {} max {}; connect {} subscribers in {:.2} s ({} failed){}{}",
         args.transport.name(),
+        args.peer.map(|p| format!(" peer={}", p.name())).unwrap_or_default(),
         args.subscribers,
         args.messages,
         args.size,
@@ -837,7 +1007,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         subscribed,
         connect_wall.as_secs_f64(),
         connect_failures,
-        cpu(server_usage.as_ref(), "hub"),
+        cpu(server_usage.as_ref(), args.peer.map_or("hub", Peer::name)),
         cpu(loadgen_usage.as_ref(), "loadgen"),
     );
     let mut problems = Vec::new();
@@ -865,7 +1035,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
             if timed_out { " at --timeout" } else { "" }
         ));
     }
-    if duplicates > 0 || out_of_order > 0 {
+    if duplicates > 0 || (out_of_order > 0 && order_checked) {
         problems.push(format!(
             "{duplicates} duplicate and {out_of_order} out-of-order deliveries"
         ));

@@ -9,10 +9,15 @@
 //! Only loopback hubs are loaded: the numbers mean something only when the load generator and
 //! the hub share one clock and no network sits between them.
 
+pub mod channels;
 pub mod conn;
 pub mod fanout;
+pub mod idle;
+pub mod latency;
+pub mod peer;
 pub mod procstat;
 pub mod publish;
+pub mod resume;
 pub mod stats;
 pub mod webhooks;
 
@@ -56,6 +61,18 @@ pub enum Scenario {
     /// A webhook to a receiver this process runs on loopback: deliveries/s, order, signatures
     /// and publish-to-receipt latency.
     Webhooks(webhooks::WebhooksArgs),
+    /// N idle WebSocket connections, each subscribed: the hub's RSS per connection, connect
+    /// times, and whether every sampled connection still answers a ping at the end.
+    Idle(idle::IdleArgs),
+    /// S subscribers on one channel and a publisher paced at R msg/s for D seconds:
+    /// publish→delivery latency percentiles, loss/dup/order and hub CPU per delivery.
+    Latency(latency::LatencyArgs),
+    /// N subscribers each on its own channel; the publisher sends one message to each channel
+    /// in turn, M rounds: deliveries/s, latency and loss.
+    Channels(channels::ChannelsArgs),
+    /// History first, then N clients connect at once asking for the last B messages of their
+    /// channel (SSE or WebSocket `since`): time until every client has its backlog, loss/dup.
+    Resume(resume::ResumeArgs),
 }
 
 /// Options every scenario takes.
@@ -122,6 +139,10 @@ pub async fn run(server: &str, key: Option<String>, scenario: Scenario) -> Resul
         Scenario::Publish(a) => a.common.clone(),
         Scenario::Fanout(a) => a.common.clone(),
         Scenario::Webhooks(a) => a.common.clone(),
+        Scenario::Idle(a) => a.common.clone(),
+        Scenario::Latency(a) => a.common.clone(),
+        Scenario::Channels(a) => a.common.clone(),
+        Scenario::Resume(a) => a.common.clone(),
     };
     if common.timeout == 0 {
         return Err(BenchError::Usage(
@@ -152,6 +173,10 @@ pub async fn run(server: &str, key: Option<String>, scenario: Scenario) -> Resul
         Scenario::Publish(args) => publish::run(&ctx, args).await?,
         Scenario::Fanout(args) => fanout::run(&ctx, args).await?,
         Scenario::Webhooks(args) => webhooks::run(&ctx, args).await?,
+        Scenario::Idle(args) => idle::run(&ctx, args).await?,
+        Scenario::Latency(args) => latency::run(&ctx, args).await?,
+        Scenario::Channels(args) => channels::run(&ctx, args).await?,
+        Scenario::Resume(args) => resume::run(&ctx, args).await?,
     };
     println!("{}", report.json);
     eprintln!("{}", report.summary);

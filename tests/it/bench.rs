@@ -98,3 +98,127 @@ async fn publish_and_fanout_scenarios_report_their_counts() {
     assert_eq!(report["deliveries"]["received"], 2000, "{report}");
     assert_eq!(report["deliveries"]["lost"], 0);
 }
+
+#[tokio::test]
+async fn idle_scenario_holds_connections_and_answers_pings() {
+    let s = hub().await;
+    let report = bench(
+        &s,
+        &[
+            "idle",
+            "--connections",
+            "40",
+            "--source-ips",
+            "2",
+            "--ping-sample",
+            "10",
+            "--hold",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(report["scenario"], "idle");
+    assert_eq!(report["connect"]["connected"], 40, "{report}");
+    assert_eq!(report["connect"]["failed"], 0);
+    assert_eq!(report["ping"]["sampled"], 10);
+    assert_eq!(report["ping"]["pongs"], 10);
+    assert_eq!(report["closed_early_total"], 0);
+    assert!(report["hub_rss_kib_per_connection"].is_number(), "{report}");
+    let report = bench(
+        &s,
+        &[
+            "idle",
+            "--connections",
+            "20",
+            "--one-channel",
+            "--hold",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(report["connect"]["connected"], 20, "{report}");
+    assert_eq!(report["ping"]["pongs"], 20);
+}
+
+#[tokio::test]
+async fn latency_scenario_reports_percentiles_and_no_loss() {
+    let s = hub().await;
+    let report = bench(
+        &s,
+        &[
+            "latency",
+            "--subscribers",
+            "10",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(report["scenario"], "latency");
+    assert_eq!(report["params"]["messages"], 50);
+    assert_eq!(report["deliveries"]["received"], 500, "{report}");
+    assert_eq!(report["deliveries"]["lost"], 0);
+    assert_eq!(report["deliveries"]["duplicates"], 0);
+    assert_eq!(report["deliveries"]["out_of_order"], 0);
+    assert_eq!(report["latency"]["count"], 500);
+    assert!(report["latency"]["p99_9_us"].is_number(), "{report}");
+    assert!(report["hub"]["cpu_us_per_delivery"].is_number(), "{report}");
+}
+
+#[tokio::test]
+async fn channels_scenario_delivers_every_round_to_every_channel() {
+    let s = hub().await;
+    let report = bench(
+        &s,
+        &[
+            "channels",
+            "--channels",
+            "30",
+            "--rounds",
+            "4",
+            "--publishers",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(report["scenario"], "channels");
+    assert_eq!(report["publish"]["acked"], 120, "{report}");
+    assert_eq!(report["deliveries"]["received"], 120);
+    assert_eq!(report["deliveries"]["lost"], 0);
+    assert_eq!(report["deliveries"]["out_of_order"], 0);
+    assert_eq!(report["latency"]["count"], 120);
+}
+
+#[tokio::test]
+async fn resume_scenario_gives_each_client_exactly_its_backlog() {
+    let s = hub().await;
+    for transport in ["sse", "ws"] {
+        let report = bench(
+            &s,
+            &[
+                "resume",
+                "--transport",
+                transport,
+                "--clients",
+                "25",
+                "--channels",
+                "2",
+                "--backlog",
+                "30",
+                "--older",
+                "150",
+            ],
+        )
+        .await;
+        assert_eq!(report["scenario"], "resume");
+        assert_eq!(report["clients"]["complete"], 25, "{transport}: {report}");
+        assert_eq!(report["history"]["since"], serde_json::json!([150, 150]));
+        assert_eq!(report["deliveries"]["received"], 25 * 30);
+        assert_eq!(report["deliveries"]["duplicates"], 0);
+        assert_eq!(report["deliveries"]["out_of_order"], 0);
+        assert_eq!(report["deliveries"]["unexpected"], 0);
+        assert_eq!(report["per_client"]["count"], 25);
+    }
+}
