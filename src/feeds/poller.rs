@@ -63,6 +63,13 @@ pub enum FeedsError {
     Store(#[from] EngineError),
 }
 
+/// What a feed's poller shares with the registry.
+struct Poller {
+    state: Arc<Mutex<FeedState>>,
+    cancel: CancellationToken,
+    held: Arc<AtomicBool>,
+}
+
 struct Registered {
     spec: FeedSpec,
     state: Arc<Mutex<FeedState>>,
@@ -154,34 +161,57 @@ impl Feeds {
     }
 
     async fn launch(&self, spec: FeedSpec) -> Result<(), EngineError> {
-        let mut initial: FeedState =
-            state_store::get_typed(&*self.ctx.state, STATE_KIND, &spec.name)
-                .await?
-                .unwrap_or_default();
-        if initial.status.is_empty() {
-            initial.status = "pending".into();
+        let initial = self.stored_state(&spec.name).await?;
+        if let Some(poller) = self.claim(&spec, initial) {
+            self.spawn_poller(spec, poller);
         }
-        let state = Arc::new(Mutex::new(initial));
-        let cancel = self.shutdown.child_token();
-        let held = Arc::new(AtomicBool::new(false));
-        self.registry().insert(
+        Ok(())
+    }
+
+    /// The feed's saved poll state, `pending` if it never polled.
+    async fn stored_state(&self, name: &str) -> Result<FeedState, EngineError> {
+        let mut state: FeedState = state_store::get_typed(&*self.ctx.state, STATE_KIND, name)
+            .await?
+            .unwrap_or_default();
+        if state.status.is_empty() {
+            state.status = "pending".into();
+        }
+        Ok(state)
+    }
+
+    /// Registers the feed under its name unless one is registered already; the handles its
+    /// poller needs, or `None` when the name is taken.
+    fn claim(&self, spec: &FeedSpec, initial: FeedState) -> Option<Poller> {
+        let mut registry = self.registry();
+        if registry.contains_key(&spec.name) {
+            return None;
+        }
+        let poller = Poller {
+            state: Arc::new(Mutex::new(initial)),
+            cancel: self.shutdown.child_token(),
+            held: Arc::new(AtomicBool::new(false)),
+        };
+        registry.insert(
             spec.name.clone(),
             Registered {
                 spec: spec.clone(),
-                state: state.clone(),
-                cancel: cancel.clone(),
-                held: held.clone(),
+                state: poller.state.clone(),
+                cancel: poller.cancel.clone(),
+                held: poller.held.clone(),
             },
         );
+        Some(poller)
+    }
+
+    fn spawn_poller(&self, spec: FeedSpec, poller: Poller) {
         self.tasks.spawn(poll_loop(
             self.ctx.clone(),
             self.client.clone(),
             spec,
-            state,
-            held,
-            cancel,
+            poller.state,
+            poller.held,
+            poller.cancel,
         ));
-        Ok(())
     }
 
     /// On a shared store, follows what other nodes do every `cluster::RELOAD_EVERY`: feeds
@@ -290,12 +320,7 @@ impl Feeds {
     /// Starts the stored feed `name` unless it is known here already or no longer stored;
     /// true when started.
     async fn adopt(&self, name: &str) -> Result<bool, EngineError> {
-        let mut initial: FeedState = state_store::get_typed(&*self.ctx.state, STATE_KIND, name)
-            .await?
-            .unwrap_or_default();
-        if initial.status.is_empty() {
-            initial.status = "pending".into();
-        }
+        let initial = self.stored_state(name).await?;
         // Read last, so a local `remove` (which deletes the document before it forgets the
         // feed) cannot be undone here.
         let Some(spec) =
@@ -303,32 +328,10 @@ impl Feeds {
         else {
             return Ok(false);
         };
-        let state = Arc::new(Mutex::new(initial));
-        let cancel = self.shutdown.child_token();
-        let held = Arc::new(AtomicBool::new(false));
-        {
-            let mut registry = self.registry();
-            if registry.contains_key(name) {
-                return Ok(false);
-            }
-            registry.insert(
-                name.to_owned(),
-                Registered {
-                    spec: spec.clone(),
-                    state: state.clone(),
-                    cancel: cancel.clone(),
-                    held: held.clone(),
-                },
-            );
-        }
-        self.tasks.spawn(poll_loop(
-            self.ctx.clone(),
-            self.client.clone(),
-            spec,
-            state,
-            held,
-            cancel,
-        ));
+        let Some(poller) = self.claim(&spec, initial) else {
+            return Ok(false);
+        };
+        self.spawn_poller(spec, poller);
         Ok(true)
     }
 
@@ -345,50 +348,28 @@ impl Feeds {
             status: "pending".into(),
             ..Default::default()
         };
-        let state = Arc::new(Mutex::new(fresh.clone()));
-        let cancel = self.shutdown.child_token();
-        let held = Arc::new(AtomicBool::new(false));
         // Claim the name before the first await, so two adds of one name at the same moment
         // cannot both succeed and leave a poller behind that nothing can remove.
-        {
-            let mut registry = self.registry();
-            if registry.contains_key(&spec.name) {
-                return Err(FeedsError::Taken(spec.name));
-            }
-            registry.insert(
-                spec.name.clone(),
-                Registered {
-                    spec: spec.clone(),
-                    state: state.clone(),
-                    cancel: cancel.clone(),
-                    held: held.clone(),
-                },
-            );
-        }
+        let Some(poller) = self.claim(&spec, fresh.clone()) else {
+            return Err(FeedsError::Taken(spec.name));
+        };
         if let Err(e) = self.persist_new(&spec).await {
             let mut registry = self.registry();
             if registry
                 .get(&spec.name)
-                .is_some_and(|r| Arc::ptr_eq(&r.state, &state))
+                .is_some_and(|r| Arc::ptr_eq(&r.state, &poller.state))
             {
                 registry.remove(&spec.name);
             }
             return Err(e.into());
         }
-        if cancel.is_cancelled() {
+        if poller.cancel.is_cancelled() {
             // Removed while it was being stored: make sure it does not come back at restart.
             self.ctx.state.delete_doc(SPEC_KIND, &spec.name).await?;
             self.ctx.state.delete_doc(STATE_KIND, &spec.name).await?;
             return Ok(feed_json(&spec, &fresh));
         }
-        self.tasks.spawn(poll_loop(
-            self.ctx.clone(),
-            self.client.clone(),
-            spec.clone(),
-            state,
-            held,
-            cancel,
-        ));
+        self.spawn_poller(spec.clone(), poller);
         Ok(feed_json(&spec, &fresh))
     }
 
