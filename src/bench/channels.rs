@@ -212,22 +212,11 @@ pub async fn run(ctx: &Ctx, args: ChannelsArgs) -> Result<Report, BenchError> {
             }
         }));
     }
-    let connect_latency = Histogram::default();
-    let mut connect_failures = 0u64;
-    let mut first_connect_error: Option<String> = None;
-    for rx in readies {
-        match rx.await {
-            Ok(Ok(ns)) => connect_latency.record(ns),
-            Ok(Err(e)) => {
-                connect_failures += 1;
-                first_connect_error.get_or_insert(e);
-            }
-            Err(_) => {
-                connect_failures += 1;
-                first_connect_error.get_or_insert_with(|| "subscriber task ended".into());
-            }
-        }
-    }
+    let super::Connects {
+        latency: connect_latency,
+        failures: connect_failures,
+        first_error: first_connect_error,
+    } = super::collect_connects(readies).await;
     let connect_wall = connect_started.elapsed();
     let subscribed = connect_latency.count();
     let (server1, me1) = ctx.sample();

@@ -290,6 +290,40 @@ pub fn cpu_note(u: Option<&Usage>, who: &str, per: u64, per_name: &str, wall: Du
     }
 }
 
+/// How the subscribers' connects went.
+pub struct Connects {
+    /// Connect-to-subscribed time of each that made it.
+    pub latency: stats::Histogram,
+    pub failures: u64,
+    pub first_error: Option<String>,
+}
+
+/// Waits for every subscriber's ready signal (its connect time in ns, or why it failed).
+pub async fn collect_connects(
+    readies: Vec<tokio::sync::oneshot::Receiver<Result<u64, String>>>,
+) -> Connects {
+    let mut out = Connects {
+        latency: stats::Histogram::default(),
+        failures: 0,
+        first_error: None,
+    };
+    for rx in readies {
+        match rx.await {
+            Ok(Ok(ns)) => out.latency.record(ns),
+            Ok(Err(e)) => {
+                out.failures += 1;
+                out.first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                out.failures += 1;
+                out.first_error
+                    .get_or_insert_with(|| "subscriber task ended".into());
+            }
+        }
+    }
+    out
+}
+
 /// Seconds, rounded to the millisecond.
 pub fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
