@@ -64,7 +64,8 @@ impl Target {
         format!("http://{}{path}", self.authority)
     }
 
-    async fn tcp(&self) -> Result<TcpStream, BenchError> {
+    /// A plain TCP connection to the target (TCP_NODELAY set).
+    pub async fn tcp(&self) -> Result<TcpStream, BenchError> {
         let stream = TcpStream::connect(self.addr)
             .await
             .map_err(|e| BenchError::Connect(format!("{}: {e}", self.addr)))?;

@@ -2,9 +2,9 @@
 //! send M messages stamped with their send time; every subscriber checks it got each seq once,
 //! in order, and records publish→delivery latency on the run's shared clock.
 //!
-//! With `--peer nchan|socketio` the same run drives a peer server instead (see `super::peer`):
-//! WebSocket subscribers, HTTP publishes, and the publisher's own message number `n` in place
-//! of the hub's seq.
+//! With `--peer nchan|socketio|redis` the same run drives a peer server instead (see
+//! `super::peer`): WebSocket subscribers and HTTP publishes (Redis: RESP subscribers and
+//! `PUBLISH` over TCP), and the publisher's own message number `n` in place of the hub's seq.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{HttpConn, Target};
-use super::peer::{self, Peer, PeerData, SioPacket};
+use super::peer::{self, Peer, PeerData, RedisConn, RedisPush, SioPacket};
 use super::procstat::MachineSample;
 use super::stats::{human_ns, human_rate, Histogram};
 use super::{BenchError, CommonArgs, Ctx, Report};
@@ -76,7 +76,8 @@ pub struct FanoutArgs {
     #[arg(long)]
     pub publish_server: Option<String>,
     /// Drive this peer server (started by `scripts/peers.sh`) instead of a Tidings hub, with
-    /// the same load and measurements: WebSocket subscribers, HTTP publishes.
+    /// the same load and measurements: WebSocket subscribers, HTTP publishes (Redis: RESP
+    /// `SUBSCRIBE` and `PUBLISH` over TCP).
     #[arg(long, value_enum)]
     pub peer: Option<Peer>,
     #[command(flatten)]
@@ -432,7 +433,7 @@ async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOu
             Some(Ok(_)) => continue,
         };
         match peer {
-            Peer::Nchan => rx.peer_data(&shared, text.as_str()),
+            Peer::Nchan | Peer::Redis => rx.peer_data(&shared, text.as_str()),
             Peer::Socketio => match peer::parse_sio(text.as_str()) {
                 SioPacket::Message(data) => rx.peer_data(&shared, data),
                 SioPacket::Ping => {
@@ -452,9 +453,64 @@ async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOu
     rx.finish(ended_early)
 }
 
+/// A Redis subscriber: one TCP connection, `SUBSCRIBE channel`, then `message` pushes whose
+/// payload is the published body.
+async fn redis_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
+    let setup = async {
+        let _permit = shared
+            .connects
+            .acquire()
+            .await
+            .map_err(|_| "connect limiter closed".to_owned())?;
+        let started = Instant::now();
+        let tcp = shared.target.tcp().await.map_err(|e| e.to_string())?;
+        let mut conn = RedisConn::new(tcp);
+        conn.subscribe(&shared.channel).await?;
+        let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Ok((conn, connect_ns))
+    };
+    let setup = tokio::select! {
+        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
+        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
+            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
+        }
+    };
+    let (mut conn, connect_ns) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return SubOutcome::failed();
+        }
+    };
+    let _ = ready.send(Ok(connect_ns));
+    let mut rx = Receiver::new(FIRST_N - 1, shared.expected);
+    let ended_early = loop {
+        if rx.tracker.complete() {
+            break None;
+        }
+        let reply = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break Some("timed out".to_owned()),
+            reply = conn.next_reply() => reply,
+        };
+        match reply {
+            Err(e) => break Some(e),
+            Ok(reply) => match peer::redis_push(&reply) {
+                RedisPush::Message(body) => match std::str::from_utf8(body) {
+                    Ok(text) => rx.peer_data(&shared, text),
+                    Err(_) => rx.unparsed += 1,
+                },
+                RedisPush::Error(e) => break Some(format!("error reply: {e}")),
+                RedisPush::Subscribed | RedisPush::Pong | RedisPush::Other => {}
+            },
+        }
+    };
+    rx.finish(ended_early)
+}
+
 /// The Socket.IO handshake on an open WebSocket: the server's open packet, our namespace
 /// connect, its confirmation. The room is joined (from the `channel` query) by then.
-async fn sio_connect(
+pub(super) async fn sio_connect(
     ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
 ) -> Result<(), String> {
     let mut opened = false;
@@ -600,9 +656,26 @@ enum Published {
     OutOfTime,
 }
 
+/// A publisher's connection: HTTP/1.1 to a hub or an HTTP peer, RESP to Redis.
+enum PubConn {
+    Http(HttpConn),
+    Redis(RedisConn),
+}
+
+impl PubConn {
+    fn is_open(&self) -> bool {
+        match self {
+            PubConn::Http(c) => c.is_open(),
+            PubConn::Redis(c) => c.is_open(),
+        }
+    }
+}
+
 struct Publisher {
     target: Arc<Target>,
     path: String,
+    /// The channel (Redis publishes name it; the others have it in `path`).
+    channel: String,
     /// Publishing to a peer: the body is the numbered data itself (see `super::peer`).
     peer: Option<Peer>,
     pad: String,
@@ -616,11 +689,16 @@ struct Publisher {
 impl Publisher {
     /// Publishes stamped message number `n` on `conn` (reconnecting it if the hub closed it)
     /// and waits for its acknowledgement. A hub ignores `n` (it numbers messages itself).
-    async fn publish_one(&self, conn: &mut Option<HttpConn>, n: u64) -> Published {
-        if !conn.as_ref().is_some_and(HttpConn::is_open) {
-            match tokio::time::timeout_at(self.deadline.into(), HttpConn::connect(&self.target))
-                .await
-            {
+    async fn publish_one(&self, conn: &mut Option<PubConn>, n: u64) -> Published {
+        if !conn.as_ref().is_some_and(PubConn::is_open) {
+            let connect = async {
+                if self.peer == Some(Peer::Redis) {
+                    Ok(PubConn::Redis(RedisConn::new(self.target.tcp().await?)))
+                } else {
+                    HttpConn::connect(&self.target).await.map(PubConn::Http)
+                }
+            };
+            match tokio::time::timeout_at(self.deadline.into(), connect).await {
                 Ok(Ok(c)) => *conn = Some(c),
                 Ok(Err(e)) => return Published::Failed(e.to_string()),
                 Err(_) => return Published::OutOfTime,
@@ -639,25 +717,44 @@ impl Publisher {
             super::stamped_data(&mut body, t, &self.pad);
             body.push('}');
         }
-        let call = c.call(
-            &self.target,
-            hyper::Method::POST,
-            &self.path,
-            Bytes::from(body),
-        );
         let accepted = |status: u16| self.peer.map_or(status == 201, |p| p.accepted(status));
-        match tokio::time::timeout_at(self.deadline.into(), call).await {
-            Ok(Ok((status, _))) if accepted(status) => {
+        let outcome = match c {
+            PubConn::Http(c) => {
+                let call = c.call(
+                    &self.target,
+                    hyper::Method::POST,
+                    &self.path,
+                    Bytes::from(body),
+                );
+                match tokio::time::timeout_at(self.deadline.into(), call).await {
+                    Ok(Ok((status, _))) if accepted(status) => Ok(()),
+                    Ok(Ok((status, answer))) => {
+                        Err(format!("{status}: {}", String::from_utf8_lossy(&answer)))
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => return Published::OutOfTime,
+                }
+            }
+            // The reply to PUBLISH is the number of subscribers it reached.
+            PubConn::Redis(c) => {
+                let command: [&[u8]; 3] = [b"PUBLISH", self.channel.as_bytes(), body.as_bytes()];
+                let call = c.call(&command);
+                match tokio::time::timeout_at(self.deadline.into(), call).await {
+                    Ok(Ok(peer::Resp::Int(_))) => Ok(()),
+                    Ok(Ok(other)) => Err(format!("PUBLISH answered {other:?}")),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => return Published::OutOfTime,
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
                 let now = Instant::now();
                 let ns = u64::try_from(now.duration_since(sent).as_nanos()).unwrap_or(u64::MAX);
                 self.ack_latency.record(ns);
                 Published::Acked(now)
             }
-            Ok(Ok((status, answer))) => {
-                Published::Failed(format!("{status}: {}", String::from_utf8_lossy(&answer)))
-            }
-            Ok(Err(e)) => Published::Failed(e.to_string()),
-            Err(_) => Published::OutOfTime,
+            Err(e) => Published::Failed(e),
         }
     }
 
@@ -689,7 +786,7 @@ impl Publisher {
         max_conns: usize,
     ) -> PubTally {
         let mut tally = PubTally::default();
-        let (idle_tx, mut idle_rx) = mpsc::channel::<Option<HttpConn>>(max_conns);
+        let (idle_tx, mut idle_rx) = mpsc::channel::<Option<PubConn>>(max_conns);
         let mut opened = 0usize;
         let mut inflight = JoinSet::new();
         for i in 0..total {
@@ -755,7 +852,8 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     }
     if args.peer.is_some() && args.transport != Transport::Ws {
         return Err(BenchError::Usage(
-            "--peer runs WebSocket subscribers only (no --transport sse)".into(),
+            "--peer runs its own subscribers (WebSocket, or RESP for redis): no --transport sse"
+                .into(),
         ));
     }
     if let Some(r) = args.rate {
@@ -795,6 +893,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
         let (tx, rx) = oneshot::channel();
         readies.push(rx);
         subscribers.push(match (args.peer, args.transport) {
+            (Some(Peer::Redis), _) => tokio::spawn(redis_subscriber(shared.clone(), tx)),
             (Some(p), _) => tokio::spawn(peer_subscriber(shared.clone(), tx, p)),
             (None, Transport::Ws) => tokio::spawn(ws_subscriber(shared.clone(), tx)),
             (None, Transport::Sse) => tokio::spawn(sse_subscriber(shared.clone(), tx)),
@@ -821,6 +920,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
             Some(p) => p.publish_path(&channel),
             None => format!("/api/channels/{channel}/messages"),
         },
+        channel: channel.clone(),
         peer: args.peer,
         pad,
         epoch: ctx.epoch,
@@ -915,9 +1015,14 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     let wall = finished - publish_start;
     let server_usage = super::usage(server0, server1, server2);
     let loadgen_usage = super::usage(me0, me1, me2);
+    // Redis subscribers speak RESP over TCP, whatever --transport says.
+    let transport_name = match args.peer {
+        Some(Peer::Redis) => "resp",
+        _ => args.transport.name(),
+    };
     let json = json!({
         "scenario": "fanout",
-        "transport": args.transport.name(),
+        "transport": transport_name,
         "peer": args.peer.map(Peer::name),
         "server": ctx.target.url(""),
         "channel": channel,
@@ -976,7 +1081,7 @@ pub async fn run(ctx: &Ctx, args: FanoutArgs) -> Result<Report, BenchError> {
     let summary = format!(
         "fanout {}{} s={} m={} size={} rate={}: {}/{} delivered ({} lost, {} dup, {} out of order) at {} deliveries/s; \
          latency p50 {} p90 {} p99 {} p99.9 {} max {}; connect {} subscribers in {:.2} s ({} failed){}{}",
-        args.transport.name(),
+        transport_name,
         args.peer.map(|p| format!(" peer={}", p.name())).unwrap_or_default(),
         args.subscribers,
         args.messages,

@@ -3,6 +3,10 @@
 //! took to subscribe, and whether they all stayed open (a sample answers an `op: ping` at the
 //! end; any connection the hub closed meanwhile is counted).
 //!
+//! With `--peer nchan|socketio|redis` the connections are a peer's subscribers instead (see
+//! `super::peer`), and the sampled ones check liveness with the peer's own ping: a WebSocket
+//! ping frame (Nchan, Socket.IO) or a RESP `PING` (Redis).
+//!
 //! Also home of the small WebSocket helpers the `channels` and `resume` scenarios share:
 //! connecting from a chosen loopback source address, subscribing, and accounting frames.
 
@@ -24,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::Target;
 use super::fanout::{Seen, SeqTracker};
+use super::peer::{self, Peer, RedisConn, RedisPush, SioPacket};
 use super::procstat::MachineSample;
 use super::stats::{human_ns, Histogram};
 use super::{BenchError, CommonArgs, Ctx, Report};
@@ -52,6 +57,9 @@ pub struct IdleArgs {
     /// Channel names start with this; each run adds a unique id.
     #[arg(long, default_value = "bench:")]
     pub channel_prefix: String,
+    /// Hold a peer server's subscribers instead of a Tidings hub's (see `fanout --peer`).
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -101,8 +109,16 @@ pub(super) fn check_source_ips(target: &Target, n: u8) -> Result<(), BenchError>
 
 /// Opens a WebSocket to `/ws`, from `source` if given (bound before connecting).
 pub(super) async fn ws_connect(target: &Target, source: Option<IpAddr>) -> Result<Ws, String> {
+    ws_connect_at(target, source, "/ws").await
+}
+
+/// Opens a TCP connection to the target, from `source` if given (bound before connecting).
+pub(super) async fn tcp_connect(
+    target: &Target,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, String> {
     let Some(ip) = source else {
-        return target.websocket().await.map_err(|e| e.to_string());
+        return target.tcp().await.map_err(|e| e.to_string());
     };
     let socket = if ip.is_ipv4() {
         TcpSocket::new_v4()
@@ -119,7 +135,20 @@ pub(super) async fn ws_connect(target: &Target, source: Option<IpAddr>) -> Resul
         .map_err(|e| format!("{} from {ip}: {e}", target.addr))?;
     tcp.set_nodelay(true)
         .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
-    let mut req = format!("ws://{}/ws", target.authority)
+    Ok(tcp)
+}
+
+/// Opens a WebSocket to `path`, from `source` if given.
+pub(super) async fn ws_connect_at(
+    target: &Target,
+    source: Option<IpAddr>,
+    path: &str,
+) -> Result<Ws, String> {
+    if source.is_none() {
+        return target.websocket_at(path).await.map_err(|e| e.to_string());
+    }
+    let tcp = tcp_connect(target, source).await?;
+    let mut req = format!("ws://{}{path}", target.authority)
         .into_client_request()
         .map_err(|e| format!("bad WebSocket URL: {e}"))?;
     if let Some(key) = &target.key {
@@ -282,8 +311,107 @@ pub(super) fn ns_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// One idle subscriber: a WebSocket (to the hub, or to an HTTP peer) or a Redis connection.
+enum IdleConn {
+    Ws(Box<Ws>, Option<Peer>),
+    Redis(RedisConn),
+}
+
+impl IdleConn {
+    /// Connects and subscribes to `channel`.
+    async fn open(
+        target: &Target,
+        peer: Option<Peer>,
+        source: Option<IpAddr>,
+        channel: &str,
+    ) -> Result<Self, String> {
+        match peer {
+            None => {
+                let mut ws = ws_connect(target, source).await?;
+                ws_subscribe(&mut ws, channel, None).await?;
+                Ok(IdleConn::Ws(Box::new(ws), None))
+            }
+            Some(Peer::Redis) => {
+                let mut conn = RedisConn::new(tcp_connect(target, source).await?);
+                conn.subscribe(channel).await?;
+                Ok(IdleConn::Redis(conn))
+            }
+            Some(p) => {
+                let mut ws = ws_connect_at(target, source, &p.subscribe_path(channel)).await?;
+                if p == Peer::Socketio {
+                    super::fanout::sio_connect(&mut ws).await?;
+                }
+                // Nchan subscribes during the handshake.
+                Ok(IdleConn::Ws(Box::new(ws), Some(p)))
+            }
+        }
+    }
+
+    /// Sends the liveness ping: `op: ping` to the hub, a WebSocket ping frame to a peer,
+    /// `PING` to Redis.
+    async fn ping(&mut self) -> Result<(), String> {
+        match self {
+            IdleConn::Ws(ws, None) => ws
+                .send(WsMessage::text(r#"{"op":"ping"}"#))
+                .await
+                .map_err(|e| format!("sending ping: {e}")),
+            IdleConn::Ws(ws, Some(_)) => ws
+                .send(WsMessage::Ping(bytes::Bytes::from_static(b"bench")))
+                .await
+                .map_err(|e| format!("sending ping: {e}")),
+            IdleConn::Redis(c) => c.send_ping().await,
+        }
+    }
+
+    /// Waits for the next frame or push: `Ok(true)` for the answer to [`Self::ping`],
+    /// `Ok(false)` for anything else, or why the connection ended. Answers Engine.IO pings.
+    async fn next_event(&mut self) -> Result<bool, String> {
+        match self {
+            IdleConn::Redis(c) => match peer::redis_push(&c.next_reply().await?) {
+                RedisPush::Pong => Ok(true),
+                RedisPush::Error(e) => Err(format!("error reply: {e}")),
+                _ => Ok(false),
+            },
+            IdleConn::Ws(ws, peer) => match ws.next().await {
+                None => Err("connection closed".to_owned()),
+                Some(Err(e)) => Err(format!("connection error: {e}")),
+                Some(Ok(WsMessage::Close(f))) => Err(close_reason(f)),
+                Some(Ok(WsMessage::Pong(_))) => Ok(peer.is_some()),
+                Some(Ok(WsMessage::Text(text))) => match peer {
+                    None => Ok(serde_json::from_str::<Frame<'_>>(text.as_str())
+                        .is_ok_and(|f| f.op == Some("pong"))),
+                    Some(Peer::Socketio) => match peer::parse_sio(text.as_str()) {
+                        SioPacket::Ping => ws
+                            .send(WsMessage::text(peer::SIO_PONG))
+                            .await
+                            .map(|()| false)
+                            .map_err(|e| format!("sending pong: {e}")),
+                        SioPacket::Close | SioPacket::Disconnected => {
+                            Err("disconnected by the server".to_owned())
+                        }
+                        _ => Ok(false),
+                    },
+                    Some(_) => Ok(false),
+                },
+                Some(Ok(_)) => Ok(false),
+            },
+        }
+    }
+
+    async fn close(self) {
+        if let IdleConn::Ws(mut ws, _) = self {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                WebSocketStream::close(&mut *ws, None),
+            )
+            .await;
+        }
+    }
+}
+
 /// What every idle connection shares.
 struct Shared {
+    peer: Option<Peer>,
     target: Arc<Target>,
     deadline: Instant,
     connects: Semaphore,
@@ -310,9 +438,8 @@ async fn idle_conn(
             .await
             .map_err(|_| "connect limiter closed".to_owned())?;
         let started = Instant::now();
-        let mut ws = ws_connect(&shared.target, source).await?;
-        ws_subscribe(&mut ws, &channel, None).await?;
-        Ok::<_, String>((ws, ns_since(started)))
+        let conn = IdleConn::open(&shared.target, shared.peer, source, &channel).await?;
+        Ok::<_, String>((conn, ns_since(started)))
     };
     let setup = tokio::select! {
         _ = shared.done.cancelled() => Err("cancelled before subscribed".to_owned()),
@@ -320,10 +447,10 @@ async fn idle_conn(
             r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
         }
     };
-    let mut ws = match setup {
-        Ok((ws, ns)) => {
+    let mut conn = match setup {
+        Ok((conn, ns)) => {
             let _ = ready.send(Ok(ns));
-            ws
+            conn
         }
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -335,47 +462,38 @@ async fn idle_conn(
     let mut ping_sent: Option<Instant> = None;
     let closed = loop {
         let ping_due = !pinged && ping_sent.is_none();
-        let frame = tokio::select! {
+        let event = tokio::select! {
             biased;
             _ = shared.done.cancelled() => break None,
             _ = shared.ping_now.cancelled(), if ping_due => {
                 let sent = Instant::now();
-                if let Err(e) = ws.send(WsMessage::text(r#"{"op":"ping"}"#)).await {
-                    let _ = shared.pongs.send(Err(format!("sending ping: {e}")));
+                if let Err(e) = conn.ping().await {
+                    let _ = shared.pongs.send(Err(e.clone()));
                     pinged = true;
-                    break Some(format!("sending ping: {e}"));
+                    break Some(e);
                 }
                 ping_sent = Some(sent);
                 continue;
             }
-            frame = ws.next() => frame,
+            event = conn.next_event() => event,
         };
-        let reason = match frame {
-            None => "connection closed".to_owned(),
-            Some(Err(e)) => format!("connection error: {e}"),
-            Some(Ok(WsMessage::Close(f))) => close_reason(f),
-            Some(Ok(WsMessage::Text(text))) => {
-                let op = serde_json::from_str::<Frame<'_>>(text.as_str())
-                    .ok()
-                    .and_then(|f| f.op.map(str::to_owned));
-                if let (Some("pong"), Some(sent)) = (op.as_deref(), ping_sent) {
-                    if !pinged {
-                        pinged = true;
-                        let _ = shared.pongs.send(Ok(ns_since(sent)));
-                    }
+        match event {
+            Err(reason) => break Some(reason),
+            Ok(true) => {
+                if let (false, Some(sent)) = (pinged, ping_sent) {
+                    pinged = true;
+                    let _ = shared.pongs.send(Ok(ns_since(sent)));
                 }
-                continue;
             }
-            Some(Ok(_)) => continue,
-        };
-        break Some(reason);
+            Ok(false) => {}
+        }
     };
     if !pinged {
         let _ = shared.pongs.send(Err(closed
             .clone()
             .unwrap_or_else(|| "no pong before the end".into())));
     }
-    let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    conn.close().await;
     closed
 }
 
@@ -402,6 +520,7 @@ pub async fn run(ctx: &Ctx, args: IdleArgs) -> Result<Report, BenchError> {
     let ping_sample = args.ping_sample.min(args.connections);
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        peer: args.peer,
         target: ctx.target.clone(),
         deadline: ctx.deadline,
         connects: Semaphore::new(args.connect_concurrency),
@@ -517,6 +636,7 @@ pub async fn run(ctx: &Ctx, args: IdleArgs) -> Result<Report, BenchError> {
     let timed_out = ctx.timed_out();
     let json = json!({
         "scenario": "idle",
+        "peer": args.peer.map(Peer::name),
         "server": ctx.target.url(""),
         "channel": if args.one_channel { json!(base_channel) } else { json!(format!("{base_channel}N")) },
         "params": {
@@ -567,8 +687,9 @@ pub async fn run(ctx: &Ctx, args: IdleArgs) -> Result<Report, BenchError> {
         "machine_busy": super::machine_busy(machine0.as_ref(), machine2.as_ref()),
     });
     let summary = format!(
-        "idle n={} {}{}: {} connected ({} failed) in {:.2} s, connect p50 {} p99 {}; hub RSS {} → {} KiB = {} KiB/connection; \
+        "idle{} n={} {}{}: {} connected ({} failed) in {:.2} s, connect p50 {} p99 {}; hub RSS {} → {} KiB = {} KiB/connection; \
          {}/{} sampled pongs, {} closed early",
+        args.peer.map(|p| format!(" peer={}", p.name())).unwrap_or_default(),
         args.connections,
         if args.one_channel { "one channel" } else { "own channels" },
         if args.source_ips > 0 { format!(", {} source IPs", args.source_ips) } else { String::new() },

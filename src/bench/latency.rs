@@ -9,6 +9,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use super::fanout::{self, FanoutArgs, Transport};
+use super::peer::Peer;
 use super::stats::human_ns;
 use super::{BenchError, CommonArgs, Ctx, Report};
 
@@ -35,6 +36,9 @@ pub struct LatencyArgs {
     /// The channel name starts with this; each run adds a unique id.
     #[arg(long, default_value = "bench:")]
     pub channel_prefix: String,
+    /// Drive this peer server instead of a Tidings hub (see `fanout --peer`).
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -65,7 +69,7 @@ fn fanout_args(args: &LatencyArgs) -> Result<(FanoutArgs, u64), BenchError> {
         Transport::Ws => "ws",
         Transport::Sse => "sse",
     };
-    let argv = [
+    let mut argv = vec![
         "latency".to_owned(),
         format!("--subscribers={}", args.subscribers),
         format!("--messages={messages}"),
@@ -76,6 +80,9 @@ fn fanout_args(args: &LatencyArgs) -> Result<(FanoutArgs, u64), BenchError> {
         format!("--channel-prefix={}", args.channel_prefix),
         format!("--timeout={}", args.common.timeout),
     ];
+    if let Some(peer) = args.peer {
+        argv.push(format!("--peer={}", peer.name()));
+    }
     let parsed = AsFanout::try_parse_from(argv)
         .map_err(|e| BenchError::Usage(format!("latency: {}", e.render())))?;
     Ok((parsed.args, messages))
@@ -111,9 +118,10 @@ pub async fn run(ctx: &Ctx, args: LatencyArgs) -> Result<Report, BenchError> {
         .map(|a| format!("; WARNING: the publisher achieved only {a:.0} msg/s"))
         .unwrap_or_default();
     let summary = format!(
-        "latency {} s={} rate={}/s for {} s ({} messages): publish→delivery p50 {} p90 {} p99 {} p99.9 {} max {}; \
+        "latency {}{} s={} rate={}/s for {} s ({} messages): publish→delivery p50 {} p90 {} p99 {} p99.9 {} max {}; \
          {}/{} delivered ({} lost, {} dup, {} out of order){}{}{}",
         j["transport"].as_str().unwrap_or("?"),
+        args.peer.map(|p| format!(" peer={}", p.name())).unwrap_or_default(),
         args.subscribers,
         args.rate,
         args.duration,
@@ -154,6 +162,7 @@ mod tests {
             transport: Transport::Sse,
             connect_concurrency: 8,
             channel_prefix: "b:".into(),
+            peer: Some(Peer::Redis),
             common: CommonArgs {
                 timeout: 9,
                 server_pid: None,
@@ -163,8 +172,8 @@ mod tests {
         assert_eq!(messages, 150);
         assert_eq!((f.subscribers, f.messages, f.rate), (7, 150, Some(50.0)));
         assert_eq!(
-            (f.transport, f.size, f.common.timeout),
-            (Transport::Sse, 64, 9)
+            (f.transport, f.size, f.common.timeout, f.peer),
+            (Transport::Sse, 64, 9, Some(Peer::Redis))
         );
         assert!(fanout_args(&LatencyArgs { rate: 0.0, ..args }).is_err());
     }

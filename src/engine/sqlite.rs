@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChannelMeta, Engine, EngineError, LiveSink, Page, Published};
+use super::{ChannelMeta, Engine, EngineError, LiveSink, Page, Published, Wake};
 use crate::hub::retention::RetentionRules;
 use crate::hub::types::{ChannelName, Epoch, Message, MessageId, NewMessage, Seq, SharedMessage};
 use crate::metrics::Metrics;
@@ -561,7 +561,11 @@ impl Writer {
             .store_commit
             .observe(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(()) => done.into_iter().for_each(|d| self.release(d)),
+            Ok(()) => {
+                // Every publisher hears first, then every subscriber: see `committed_deferred`.
+                let wakes: Vec<_> = done.into_iter().filter_map(|d| self.release(d)).collect();
+                wakes.into_iter().for_each(Wake::wake);
+            }
             Err(error) => {
                 tracing::error!(%error, "group commit failed; every publish in it is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -646,7 +650,8 @@ impl Writer {
         Ok(())
     }
 
-    fn release(&self, done: Done) {
+    /// Answers the command; a publish's subscribers are woken by the caller afterwards.
+    fn release(&self, done: Done) -> Option<Wake> {
         match done {
             Done::Published {
                 reply,
@@ -655,10 +660,10 @@ impl Writer {
                 epoch,
                 messages,
             } => {
-                if !messages.is_empty() {
-                    self.sink.committed(&channel, &epoch, &messages);
-                }
+                let wake = (!messages.is_empty())
+                    .then(|| self.sink.committed_deferred(&channel, &epoch, &messages));
                 let _ = reply.send(Ok(results));
+                wake
             }
             Done::Deleted {
                 reply,
@@ -667,12 +672,15 @@ impl Writer {
             } => {
                 self.sink.reset(&channel, &epoch);
                 let _ = reply.send(Ok(epoch));
+                None
             }
             Done::Pruned { reply, removed } => {
                 let _ = reply.send(Ok(removed));
+                None
             }
             Done::Closed { reply } => {
                 let _ = reply.send(());
+                None
             }
         }
     }

@@ -682,8 +682,9 @@ async fn poll_once(
 /// Publishes the entries not seen before (oldest first, one atomic batch) and refreshes the
 /// memory of every entry still in the feed and of those that were in the `previous` document
 /// (their time in the dedupe window starts now, as they leave). Returns how many were newly
-/// published and the keys of this document.
-async fn publish_new(
+/// published and the keys of this document. Public for `tidings bench feeds`, which times this
+/// path on documents from disk.
+pub async fn publish_new(
     ctx: &FeedsContext,
     spec: &FeedSpec,
     mut entries: Vec<FeedEntry>,

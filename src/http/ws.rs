@@ -1,23 +1,27 @@
 //! The WebSocket protocol: many subscriptions per connection, publish with ack, ping/pong.
 //!
-//! One task per connection owns the socket. Each subscription is a small task that walks its
-//! cursor and hands batches to the connection's bounded outbound queue. A subscription whose
-//! batches cannot be queued for `SLOW_CONSUMER_AFTER` marks the connection slow: it is closed
-//! with 4008 so the client resumes from its last seq. Publishers never wait for any of this.
+//! One task per connection owns the socket and every subscription of it: each subscription is
+//! a stream (its cursor over the channel's live window, backlog from the store first) polled by
+//! that task, so a message reaches the socket without another task or queue in between, and
+//! whatever several subscriptions have ready is written with one flush. A client that does not
+//! drain its socket for `SLOW_CONSUMER_AFTER` is closed with 4008 so it resumes from its last
+//! seq; meanwhile its cursors simply stop moving, so it costs nothing else and delays nobody.
+//! Publishers never wait for any of this.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::FutureExt;
+use futures_util::stream::{AbortHandle, Abortable, BoxStream, SelectAll};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::auth::Principal;
 use super::channels::{parse_channel, present, PublishItem};
@@ -31,14 +35,22 @@ use crate::metrics::transport;
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const PING_EVERY: Duration = Duration::from_secs(25);
 pub const DEAD_AFTER: Duration = Duration::from_secs(60);
-/// Outbound queue length, in batches (of at most `hub::MAX_BATCH` messages and, past the first,
-/// `hub::MAX_BATCH_BYTES` bytes), so a stalled client costs at most ~8 MiB of queue.
-const OUTBOUND_QUEUE: usize = 16;
 /// Publishes a connection may have queued before it must wait for acks.
 const PUBLISHES_IN_FLIGHT: usize = 256;
+/// Acks waiting for the connection task to write them.
+const ACK_QUEUE: usize = 64;
+/// A write of subscription frames the client does not drain in this time closes it with 4008.
 const SLOW_CONSUMER_AFTER: Duration = Duration::from_secs(5);
-/// A write the client does not drain in this time ends the connection.
+/// A write of direct replies the client does not drain in this time ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Frames gathered before one flush: tungstenite sends its buffer once it passes this size,
+/// so a burst for many subscriptions leaves in a few large writes, not one per frame.
+const WRITE_BUFFER: usize = 32 * 1024;
+/// The read buffer each connection keeps: client frames are small (subscribe, publish of a
+/// message), and an idle connection should cost little; a larger frame grows it as needed.
+const READ_BUFFER: usize = 256;
+/// Subscription items written before one flush and a look at the client's frames.
+const WRITE_BUDGET: usize = 64;
 
 pub const CLOSE_SERVER_RESTART: u16 = 1012;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -46,16 +58,21 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 /// How long a connection closed for an oversized frame stays open so the close frame arrives.
 const TOO_BIG_LINGER: Duration = Duration::from_secs(2);
 
+/// What a subscription stream yields for the socket.
 enum Outbound {
+    /// Its `subscribed` frame, a reset, or the error that ended it.
     Text(Utf8Bytes),
-    /// A frame of subscription `.0` (its `subscribed` or an error); dropped if that
-    /// subscription was replaced or ended while the frame waited in the queue.
-    SubText(u64, Utf8Bytes),
-    /// Messages of subscription `.0`; dropped likewise, so a re-subscribe never sees stale
-    /// frames of the subscription it replaced (which would repeat seqs).
-    Messages(u64, Vec<SharedMessage>),
-    Close(u16, &'static str),
+    Messages(Vec<SharedMessage>),
 }
+
+/// One item of subscription `id`; `last` when the subscription ended with it (an error).
+struct SubItem {
+    id: u64,
+    out: Outbound,
+    last: bool,
+}
+
+type SubStream = Abortable<BoxStream<'static, SubItem>>;
 
 pub async fn upgrade(
     State(app): State<AppState>,
@@ -76,8 +93,8 @@ pub async fn upgrade(
     }
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| {
             let tasks = app.tasks.clone();
@@ -124,18 +141,22 @@ fn api_error_frame(e: &ApiError, reference: Option<&Value>, channel: Option<&str
 struct Connection {
     app: AppState,
     who: Principal,
-    out: mpsc::Sender<Outbound>,
-    subscriptions: HashMap<ChannelName, (u64, JoinHandle<()>)>,
-    /// Ids of the subscriptions whose queued frames may still be written.
-    active: HashSet<u64>,
+    /// Acks of this connection's publishes, written by the connection task; made with the
+    /// publisher, so a connection that only reads holds no queue.
+    acks: Option<mpsc::Receiver<Utf8Bytes>>,
+    subscriptions: HashMap<ChannelName, (u64, AbortHandle)>,
+    /// Every subscription's stream; an aborted one ends and is dropped at its next poll.
+    streams: SelectAll<SubStream>,
     next_subscription: u64,
     publisher: Option<mpsc::Sender<(ChannelName, PublishItem, Option<Value>)>>,
-    /// Direct answers to the frame just handled; the connection loop writes them itself, so
-    /// handling a frame never waits on the outbound queue the same loop drains.
+    /// Direct answers to the frame just handled, written right after it.
     replies: Vec<Utf8Bytes>,
     /// The client's address, for the per-IP publish rate limit.
     ip: Option<std::net::IpAddr>,
 }
+
+/// The socket, read and written by its one task (no split halves, so no lock between them).
+type WsSink = WebSocket;
 
 async fn serve_connection(
     app: AppState,
@@ -144,14 +165,13 @@ async fn serve_connection(
     socket: WebSocket,
 ) {
     let _gauge = ConnectionGauge::new(app.hub.metrics().clone(), "ws");
-    let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let mut sink = socket;
     let mut conn = Connection {
         app: app.clone(),
         who,
-        out: out_tx,
+        acks: None,
         subscriptions: HashMap::new(),
-        active: HashSet::new(),
+        streams: SelectAll::new(),
         next_subscription: 1,
         publisher: None,
         replies: Vec::new(),
@@ -160,19 +180,32 @@ async fn serve_connection(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = tokio::time::Instant::now();
     let label = transport("ws");
+    let shutdown = app.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
     let close = loop {
+        // Unbiased: a busy channel must not starve the client's own frames, nor the reverse.
         tokio::select! {
-            biased;
-            _ = app.shutdown.cancelled() => break Some((CLOSE_SERVER_RESTART, "server restart")),
-            item = out_rx.recv() => {
-                let Some(item) = item else { break None };
-                match write_outbound(&mut sink, item, &mut out_rx, &app, &label, &conn.active).await {
+            _ = &mut shutdown => break Some((CLOSE_SERVER_RESTART, "server restart")),
+            Some(ack) = next_ack(&mut conn.acks) => {
+                conn.replies.push(ack);
+                while let Some(rx) = conn.acks.as_mut().filter(|_| conn.replies.len() < WRITE_BUDGET) {
+                    match rx.try_recv() {
+                        Ok(ack) => conn.replies.push(ack),
+                        Err(_) => break,
+                    }
+                }
+                if !Box::pin(write_replies(&mut sink, &mut conn.replies)).await {
+                    break None;
+                }
+            }
+            Some(item) = conn.streams.next(), if !conn.streams.is_empty() => {
+                match conn.write_subscription_items(&mut sink, item, &label).await {
                     WriteOutcome::Ok => {}
                     WriteOutcome::Close(code, reason) => break Some((code, reason)),
                     WriteOutcome::Gone => break None,
                 }
             }
-            frame = stream.next() => {
+            frame = sink.next() => {
                 last_heard = tokio::time::Instant::now();
                 match frame {
                     None => break None,
@@ -183,14 +216,14 @@ async fn serve_connection(
                         );
                         break too_big.then_some((CLOSE_TOO_BIG, "frame over 1 MiB"));
                     }
-                    Some(Ok(WsMessage::Text(text))) => conn.handle_text(&text).await,
+                    Some(Ok(WsMessage::Text(text))) => Box::pin(conn.handle_text(&text)).await,
                     Some(Ok(WsMessage::Binary(_))) => conn.reply(error_frame(
                         "bad_request", "binary frames are not part of the protocol; send JSON text", None, None,
                     )),
                     Some(Ok(WsMessage::Close(_))) => break None,
                     Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 }
-                if !conn.replies.is_empty() && !write_replies(&mut sink, &mut conn.replies).await {
+                if !conn.replies.is_empty() && !Box::pin(write_replies(&mut sink, &mut conn.replies)).await {
                     break None;
                 }
             }
@@ -204,18 +237,27 @@ async fn serve_connection(
             }
         }
     };
-    for (_, (_, task)) in conn.subscriptions.drain() {
-        task.abort();
+    for (_, (_, handle)) in conn.subscriptions.drain() {
+        handle.abort();
     }
+    drop(conn.streams);
     if let Some((code, reason)) = close {
         let frame = WsMessage::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from_static(reason),
         }));
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // Boxed, like the rarer paths of the loop: an idle connection's task stays small.
+        // A slow consumer's socket still holds the frames written before the close: give the
+        // client as long as any write to read them, so the 4008 reaches it and it resumes.
+        let linger = if code == CLOSE_SLOW_CONSUMER {
+            WRITE_TIMEOUT
+        } else {
+            Duration::from_secs(2)
+        };
+        let _ = Box::pin(tokio::time::timeout(linger, async {
             let _ = sink.send(frame).await;
             let _ = sink.close().await;
-        })
+        }))
         .await;
         if code == CLOSE_TOO_BIG {
             // The rest of the oversized frame is still unread; closing the socket now makes the
@@ -240,68 +282,43 @@ enum WriteOutcome {
     Gone,
 }
 
-/// Writes one queued item and whatever else is already queued, then flushes once.
-async fn write_outbound(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
-    first: Outbound,
-    rx: &mut mpsc::Receiver<Outbound>,
+/// Feeds one subscription item's frames into the sink (buffered, not yet flushed).
+async fn feed_item(
+    sink: &mut WsSink,
+    out: Outbound,
     app: &AppState,
     label: &crate::metrics::TransportLabel,
-    active: &HashSet<u64>,
-) -> WriteOutcome {
-    let write = async {
-        let mut item = Some(first);
-        let mut budget = 64;
-        while let Some(current) = item.take() {
-            match current {
-                Outbound::Close(code, reason) => return Ok(Some((code, reason))),
-                Outbound::Text(text) => sink.feed(WsMessage::Text(text)).await?,
-                Outbound::SubText(sub, text) => {
-                    if active.contains(&sub) {
-                        sink.feed(WsMessage::Text(text)).await?
-                    }
-                }
-                Outbound::Messages(sub, _) if !active.contains(&sub) => {}
-                Outbound::Messages(_, messages) => {
-                    for m in &messages {
-                        match Utf8Bytes::try_from(m.ws_frame()) {
-                            Ok(text) => sink.feed(WsMessage::Text(text)).await?,
-                            Err(_) => {
-                                tracing::error!(seq = m.seq, "stored message is not UTF-8; skipped")
-                            }
-                        }
-                    }
-                    if let Some(last) = messages.last() {
-                        app.hub
-                            .metrics()
-                            .delivered(label, last.time_ms, messages.len() as u64);
-                    }
+) -> Result<(), axum::Error> {
+    match out {
+        Outbound::Text(text) => sink.feed(WsMessage::Text(text)).await,
+        Outbound::Messages(messages) => {
+            for m in &messages {
+                match m.ws_frame() {
+                    Some(text) => sink.feed(WsMessage::Text(text)).await?,
+                    None => tracing::error!(seq = m.seq, "stored message is not UTF-8; skipped"),
                 }
             }
-            budget -= 1;
-            if budget > 0 {
-                item = rx.try_recv().ok();
+            if let Some(last) = messages.last() {
+                app.hub
+                    .metrics()
+                    .delivered(label, last.time_ms, messages.len() as u64);
             }
-        }
-        sink.flush().await?;
-        Ok::<_, axum::Error>(None)
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(None)) => WriteOutcome::Ok,
-        Ok(Ok(Some((code, reason)))) => WriteOutcome::Close(code, reason),
-        Ok(Err(_)) => WriteOutcome::Gone,
-        Err(_) => {
-            app.hub.metrics().slow_consumers.inc();
-            WriteOutcome::Gone
+            Ok(())
         }
     }
 }
 
-/// Writes the direct replies of one client frame; false when the client is gone or stuck.
-async fn write_replies(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
-    replies: &mut Vec<Utf8Bytes>,
-) -> bool {
+/// The next ack of the connection's publisher; never, before it has one.
+async fn next_ack(acks: &mut Option<mpsc::Receiver<Utf8Bytes>>) -> Option<Utf8Bytes> {
+    match acks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes direct replies (acks, answers to the client's frames); false when the client is gone
+/// or stuck.
+async fn write_replies(sink: &mut WsSink, replies: &mut Vec<Utf8Bytes>) -> bool {
     let write = async {
         for text in replies.drain(..) {
             sink.feed(WsMessage::Text(text)).await?;
@@ -316,10 +333,44 @@ impl Connection {
         self.replies.push(text);
     }
 
-    /// Drops subscriptions whose task ended (store failure); their last frames still go out.
-    fn forget_finished(&mut self) {
-        self.subscriptions
-            .retain(|_, (_, task)| !task.is_finished());
+    /// Forgets subscription `id` after its stream ended with an error frame.
+    fn forget(&mut self, id: u64) {
+        self.subscriptions.retain(|_, (sub, _)| *sub != id);
+    }
+
+    /// Writes `first` and whatever else the subscriptions have ready (up to `WRITE_BUDGET`
+    /// items), then flushes once.
+    async fn write_subscription_items(
+        &mut self,
+        sink: &mut WsSink,
+        first: SubItem,
+        label: &crate::metrics::TransportLabel,
+    ) -> WriteOutcome {
+        let app = self.app.clone();
+        let write = async {
+            let mut item = Some(first);
+            let mut budget = WRITE_BUDGET;
+            while let Some(SubItem { id, out, last }) = item.take() {
+                if last {
+                    self.forget(id);
+                }
+                feed_item(sink, out, &app, label).await?;
+                budget -= 1;
+                if budget > 0 {
+                    item = self.streams.next().now_or_never().flatten();
+                }
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(SLOW_CONSUMER_AFTER, write).await {
+            Ok(Ok(())) => WriteOutcome::Ok,
+            Ok(Err(_)) => WriteOutcome::Gone,
+            Err(_) => {
+                app.hub.metrics().slow_consumers.inc();
+                tracing::info!("closing a slow WebSocket consumer");
+                WriteOutcome::Close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            }
+        }
     }
 
     async fn handle_text(&mut self, text: &str) {
@@ -391,10 +442,8 @@ impl Connection {
             .map(Epoch::parse)
             .transpose()
             .map_err(|e| (ApiError::BadRequest(e.0), named()))?;
-        self.forget_finished();
-        if let Some((old_id, old)) = self.subscriptions.remove(&channel) {
+        if let Some((_, old)) = self.subscriptions.remove(&channel) {
             old.abort();
-            self.active.remove(&old_id);
         } else if self.subscriptions.len() >= self.app.max_subscriptions {
             let msg = format!(
                 "this connection already holds {} subscriptions, the limit",
@@ -414,23 +463,17 @@ impl Connection {
         };
         let id = self.next_subscription;
         self.next_subscription += 1;
-        let task = tokio::spawn(run_subscription(
-            self.app.clone(),
-            id,
-            channel.clone(),
-            start,
-            self.out.clone(),
-        ));
-        self.active.insert(id);
-        self.subscriptions.insert(channel, (id, task));
+        let (handle, registration) = AbortHandle::new_pair();
+        let stream = subscription_stream(self.app.clone(), id, channel.clone(), start);
+        self.streams.push(Abortable::new(stream, registration));
+        self.subscriptions.insert(channel, (id, handle));
         Ok(())
     }
 
     async fn unsubscribe(&mut self, frame: ClientFrame) -> Result<(), (ApiError, Option<String>)> {
         let channel = Self::channel_of(&frame)?;
-        if let Some((id, task)) = self.subscriptions.remove(&channel) {
-            task.abort();
-            self.active.remove(&id);
+        if let Some((_, handle)) = self.subscriptions.remove(&channel) {
+            handle.abort();
         }
         let reply = json!({"op": "unsubscribed", "channel": channel}).to_string();
         self.reply(Utf8Bytes::from(reply));
@@ -461,7 +504,9 @@ impl Connection {
         };
         let publisher = self.publisher.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(PUBLISHES_IN_FLIGHT);
-            tokio::spawn(run_publisher(self.app.clone(), rx, self.out.clone()));
+            let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
+            self.acks = Some(ack_rx);
+            tokio::spawn(run_publisher(self.app.clone(), rx, ack_tx));
             tx
         });
         // Publishes of one connection are applied one after another, in the order sent.
@@ -481,7 +526,7 @@ impl Connection {
 async fn run_publisher(
     app: AppState,
     mut rx: mpsc::Receiver<(ChannelName, PublishItem, Option<Value>)>,
-    out: mpsc::Sender<Outbound>,
+    acks: mpsc::Sender<Utf8Bytes>,
 ) {
     while let Some((channel, item, reference)) = rx.recv().await {
         let result = async {
@@ -506,7 +551,7 @@ async fn run_publisher(
             ),
             Err(e) => api_error_frame(e, reference.as_ref(), Some(channel.as_str())),
         };
-        if out.send(Outbound::Text(reply)).await.is_err() {
+        if acks.send(reply).await.is_err() {
             return;
         }
     }
@@ -524,72 +569,72 @@ fn subscribed_frame(
     )
 }
 
-async fn run_subscription(
+/// Where a subscription stream is: not yet subscribed, following its cursor, or ended.
+enum SubState {
+    Starting(AppState, Start),
+    Live(Box<Subscription>),
+    Ended,
+}
+
+/// Subscription `id` as a stream: its `subscribed` frame, then batches of messages (and reset
+/// frames) in seq order; an error frame ends it.
+fn subscription_stream(
     app: AppState,
     id: u64,
     channel: ChannelName,
     start: Start,
-    out: mpsc::Sender<Outbound>,
-) {
-    let (subscribed, mut sub) = match app.hub.subscribe(&channel, start).await {
-        Ok(s) => s,
-        Err(e) => {
-            let frame = api_error_frame(&ApiError::from(e), None, Some(channel.as_str()));
-            let _ = out.send(Outbound::SubText(id, frame)).await;
-            return;
-        }
-    };
-    let frame = subscribed_frame(
-        &channel,
-        &subscribed.epoch,
-        subscribed.last_seq,
-        subscribed.truncated,
-    );
-    if out.send(Outbound::SubText(id, frame)).await.is_err() {
-        return;
-    }
-    loop {
-        let item = match next_outbound(id, &mut sub, &channel).await {
-            Ok(item) => item,
-            Err(frame) => {
-                let _ = out.send(Outbound::SubText(id, frame)).await;
-                return;
+) -> BoxStream<'static, SubItem> {
+    let item = move |out, last| SubItem { id, out, last };
+    futures_util::stream::unfold(
+        (SubState::Starting(app, start), channel),
+        move |(state, channel)| async move {
+            match state {
+                SubState::Starting(app, start) => match app.hub.subscribe(&channel, start).await {
+                    Ok((subscribed, sub)) => {
+                        let frame = subscribed_frame(
+                            &channel,
+                            &subscribed.epoch,
+                            subscribed.last_seq,
+                            subscribed.truncated,
+                        );
+                        let next = SubState::Live(Box::new(sub));
+                        Some((item(Outbound::Text(frame), false), (next, channel)))
+                    }
+                    Err(e) => {
+                        let frame =
+                            api_error_frame(&ApiError::from(e), None, Some(channel.as_str()));
+                        Some((
+                            item(Outbound::Text(frame), true),
+                            (SubState::Ended, channel),
+                        ))
+                    }
+                },
+                SubState::Live(mut sub) => match next_outbound(&mut sub, &channel).await {
+                    Ok(out) => Some((item(out, false), (SubState::Live(sub), channel))),
+                    Err(frame) => Some((
+                        item(Outbound::Text(frame), true),
+                        (SubState::Ended, channel),
+                    )),
+                },
+                SubState::Ended => None,
             }
-        };
-        // Room in the queue is the common case: no timer for it.
-        let item = match out.try_send(item) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-            Err(mpsc::error::TrySendError::Full(item)) => item,
-        };
-        match tokio::time::timeout(SLOW_CONSUMER_AFTER, out.send(item)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return, // the connection is gone
-            Err(_) => {
-                app.hub.metrics().slow_consumers.inc();
-                tracing::info!(%channel, cursor = sub.cursor(), "closing a slow WebSocket consumer");
-                // The queue is full, so wait for room for the close itself; the connection
-                // loop drains it in order.
-                let _ = out
-                    .send(Outbound::Close(CLOSE_SLOW_CONSUMER, "slow consumer"))
-                    .await;
-                return;
-            }
-        }
-    }
+        },
+    )
+    .boxed()
 }
 
 async fn next_outbound(
-    id: u64,
     sub: &mut Subscription,
     channel: &ChannelName,
 ) -> Result<Outbound, Utf8Bytes> {
     match sub.next().await {
-        Ok(Event::Messages(messages)) => Ok(Outbound::Messages(id, messages)),
-        Ok(Event::Reset { epoch, first_seq }) => Ok(Outbound::SubText(
-            id,
-            subscribed_frame(channel, &epoch, first_seq.saturating_sub(1), true),
-        )),
+        Ok(Event::Messages(messages)) => Ok(Outbound::Messages(messages)),
+        Ok(Event::Reset { epoch, first_seq }) => Ok(Outbound::Text(subscribed_frame(
+            channel,
+            &epoch,
+            first_seq.saturating_sub(1),
+            true,
+        ))),
         Err(e) => Err(api_error_frame(
             &ApiError::from(e),
             None,

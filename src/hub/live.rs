@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::retention::RetentionRules;
 use super::types::{ChannelName, Epoch, Seq, SharedMessage};
-use crate::engine::LiveSink;
+use crate::engine::{LiveSink, Wake};
 
 /// The most messages a window holds, whatever the retention allows.
 pub const WINDOW_CAP: usize = 1024;
@@ -154,6 +154,9 @@ impl LiveChannel {
             }
             w.last_activity_ms = crate::clock::now_ms();
         }
+    }
+
+    fn wake(&self) {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -264,10 +267,21 @@ impl Live {
 
 impl LiveSink for Live {
     fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]) {
-        self.get_or_create(channel).append(epoch, messages);
+        self.committed_deferred(channel, epoch, messages).wake();
+    }
+
+    fn committed_deferred(
+        &self,
+        channel: &ChannelName,
+        epoch: &Epoch,
+        messages: &[SharedMessage],
+    ) -> Wake {
+        let live = self.get_or_create(channel);
+        live.append(epoch, messages);
         if let Some(tap) = self.tap.get() {
             tap.notify(channel, epoch, messages);
         }
+        Wake::new(move || live.wake())
     }
 
     fn reset(&self, channel: &ChannelName, epoch: &Epoch) {

@@ -251,7 +251,9 @@ pub struct Message {
     pub time_ms: i64,
     /// The whole message object as compact JSON.
     pub json: Bytes,
-    ws_frame: OnceLock<Bytes>,
+    /// The WebSocket text frame, validated as UTF-8 once for every subscriber (`None` if the
+    /// stored JSON was not UTF-8).
+    ws_frame: OnceLock<Option<axum::extract::ws::Utf8Bytes>>,
     sse_frame: OnceLock<Bytes>,
 }
 
@@ -295,13 +297,15 @@ impl Message {
     }
 
     /// `{"op":"message",…message fields…}`, built once and shared by every WebSocket.
-    pub fn ws_frame(&self) -> Bytes {
+    pub fn ws_frame(&self) -> Option<axum::extract::ws::Utf8Bytes> {
         self.ws_frame
             .get_or_init(|| {
                 let mut out = Vec::with_capacity(self.json.len() + 16);
                 out.extend_from_slice(b"{\"op\":\"message\",");
-                out.extend_from_slice(&self.json[1..]);
-                Bytes::from(out)
+                out.extend_from_slice(self.json.get(1..).unwrap_or_default());
+                String::from_utf8(out)
+                    .ok()
+                    .map(axum::extract::ws::Utf8Bytes::from)
             })
             .clone()
     }
@@ -393,7 +397,7 @@ mod tests {
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
         assert_eq!(v["data"]["a"], 1);
         let m = Message::new(ch, 7, "k\"1".into(), 0, json);
-        let ws: serde_json::Value = serde_json::from_slice(&m.ws_frame()).unwrap();
+        let ws: serde_json::Value = serde_json::from_str(m.ws_frame().unwrap().as_str()).unwrap();
         assert_eq!(ws["op"], "message");
         assert_eq!(ws["seq"], 7);
         let epoch = Epoch::parse("abcdefgh").unwrap();

@@ -18,8 +18,10 @@ use super::supervisor::{publish_run_event, JobsContext};
 use crate::hub::types::{ChannelName, Data, EventName, NewMessage};
 use crate::hub::Hub;
 
-/// Output lines per store batch; bigger batches from a flooding job are split.
-const LINES_PER_PUBLISH: usize = 2048;
+/// Output lines per store batch; bigger batches from a flooding job are split. Well under the
+/// live window (`hub::live::WINDOW_CAP`), so a batch never pushes its own viewers out of the
+/// window and back to the store.
+const LINES_PER_PUBLISH: usize = 512;
 
 /// A token that may publish to the run's channel and the job's `publish` patterns, and read
 /// the run's channel; signed with the hub's own key.

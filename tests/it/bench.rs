@@ -222,3 +222,109 @@ async fn resume_scenario_gives_each_client_exactly_its_backlog() {
         assert_eq!(report["per_client"]["count"], 25);
     }
 }
+
+#[tokio::test]
+async fn joblog_scenario_gives_every_viewer_every_line_of_the_run() {
+    let s = TestServer::start_with(ServerOptions {
+        config: Some(tidings::bench::joblog::CONFIG_SNIPPET.into()),
+        ..Default::default()
+    })
+    .await;
+    let report = bench(&s, &["joblog", "--lines", "3000", "--viewers", "3"]).await;
+    assert_eq!(report["scenario"], "joblog");
+    assert_eq!(report["delivered"], 9000, "{report}");
+    assert_eq!(report["complete_viewers"], 3);
+    assert_eq!(report["missing"], 0);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["out_of_order"], 0);
+    assert_eq!(report["exit"]["status"], "succeeded");
+    assert!(report["hub"]["cpu_us_per_line"].is_number(), "{report}");
+}
+
+#[tokio::test]
+async fn joblog_scenario_explains_the_job_it_needs() {
+    let s = hub().await;
+    let out = Command::new(binary())
+        .env_remove("TIDINGS_URL")
+        .env_remove("TIDINGS_KEY")
+        .args(["--server", &s.base, "bench", "joblog", "--lines", "10"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("[[jobs]]") && stderr.contains("TIDINGS_PARAM_LINES"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn feeds_scenario_parses_and_stores_a_corpus_without_a_hub() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rss = |n: usize| {
+        let items: String = (0..n)
+            .map(|i| format!("<item><guid>g{i}</guid><title>T{i}</title></item>"))
+            .collect();
+        format!(
+            r#"<?xml version="1.0"?><rss version="2.0"><channel><title>t</title>{items}</channel></rss>"#
+        )
+    };
+    std::fs::create_dir(dir.path().join("docs")).expect("mkdir");
+    std::fs::write(dir.path().join("docs/a.xml"), rss(3)).expect("write");
+    std::fs::write(dir.path().join("docs/b.xml"), rss(2)).expect("write");
+    std::fs::write(dir.path().join("docs/broken.xml"), "not a feed").expect("write");
+    let manifest = ["a", "b", "broken"]
+        .iter()
+        .map(|n| {
+            serde_json::json!({"path": format!("docs/{n}.xml"), "headers": {"Content-Type": "application/rss+xml"}})
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("manifest.jsonl"), manifest).expect("write");
+    // No hub listens at --server: this scenario must not need one.
+    let out = tokio::time::timeout(
+        WAIT * 2,
+        Command::new(binary())
+            .env("RUST_LOG", "warn")
+            .env_remove("TIDINGS_URL")
+            .args([
+                "--server",
+                "http://127.0.0.1:9",
+                "bench",
+                "feeds",
+                "--rounds",
+                "2",
+            ])
+            .arg("--corpus")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("bench finished in time")
+    .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(report["scenario"], "feeds");
+    assert_eq!(report["documents"], 3);
+    assert_eq!(report["entries_per_round"], 5);
+    assert_eq!(report["parse"]["entries"], 10);
+    assert_eq!(
+        report["parse"]["errors"], 2,
+        "the broken document, each round"
+    );
+    assert_eq!(report["parse_dedupe_store"]["entries"], 10);
+    assert_eq!(
+        report["parse_dedupe_store"]["stored"], 5,
+        "the second round finds every entry already seen"
+    );
+    assert_eq!(report["parse_dedupe_store"]["errors"], 0);
+}
