@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde_json::{json, Value};
@@ -59,6 +60,10 @@ pub struct FeedsArgs {
     /// The store's durability (default: the hub's default, full).
     #[arg(long, value_enum, default_value_t = SyncArg::Full)]
     pub sync: SyncArg,
+    /// Documents stored at once in the store phase: the hub polls its feeds concurrently, and
+    /// the store commits concurrent publishes together (1: one after another).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -154,6 +159,7 @@ pub async fn run(args: FeedsArgs) -> Result<Report, BenchError> {
             "limit": args.limit,
             "rounds": args.rounds,
             "sync": format!("{:?}", args.sync).to_lowercase(),
+            "concurrency": args.concurrency,
             "timeout_s": args.common.timeout,
         },
         "documents": docs.len(),
@@ -384,20 +390,35 @@ async fn store_phase(
             break;
         }
         let started = Instant::now();
-        for (i, doc) in docs.iter().enumerate() {
-            phase.documents += 1;
-            let entries =
-                match parse::parse_feed(&doc.body, doc.content_type.as_deref(), &doc.base_url()) {
+        let previous_round = &previous;
+        let specs = &specs;
+        let outcomes: Vec<_> = futures_util::stream::iter(docs.iter().enumerate())
+            .map(|(i, doc)| async move {
+                let entries = match parse::parse_feed(
+                    &doc.body,
+                    doc.content_type.as_deref(),
+                    &doc.base_url(),
+                ) {
                     Ok(feed) => feed.entries,
-                    Err(_) => continue, // counted in the parse phase
+                    Err(_) => return (i, 0, None), // counted in the parse phase
                 };
-            phase.entries += entries.len() as u64;
-            match poller::publish_new(ctx, &specs[i], entries, &previous[i]).await {
-                Ok((published, keys)) => {
+                let count = entries.len() as u64;
+                let stored = poller::publish_new(ctx, &specs[i], entries, &previous_round[i]).await;
+                (i, count, Some(stored))
+            })
+            .buffer_unordered(args.concurrency.max(1))
+            .collect()
+            .await;
+        for (i, count, stored) in outcomes {
+            phase.documents += 1;
+            phase.entries += count;
+            match stored {
+                None => {}
+                Some(Ok((published, keys))) => {
                     phase.stored += published;
                     previous[i] = keys;
                 }
-                Err(e) => phase.error(format!("{}: {e}", doc.path)),
+                Some(Err(e)) => phase.error(format!("{}: {e}", docs[i].path)),
             }
         }
         let took = started.elapsed().as_secs_f64();
