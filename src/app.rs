@@ -66,13 +66,43 @@ pub fn check_exposure(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Connections the kernel may hold for us before we accept them. A hub restart (or a network
+/// blip) makes every client reconnect at once; with the usual 1,024 the overflow waits for a
+/// SYN retransmit (1 s, then 3 s), which is most of a 10,000-client resume. The kernel caps it
+/// at `net.core.somaxconn` (4,096 on current kernels).
+const LISTEN_BACKLOG: u32 = 8192;
+
 pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
-    TcpListener::bind(&config.listen)
+    let error = |source| StartError::Bind {
+        addr: config.listen.clone(),
+        source,
+    };
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "the address resolves to nothing",
+    );
+    for addr in tokio::net::lookup_host(&config.listen)
         .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })
+        .map_err(error)?
+    {
+        match listen_on(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = e,
+        }
+    }
+    Err(error(last))
+}
+
+fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted hub can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Runs Tidings on `listener` until `shutdown` fires; returns once everything is flushed.
