@@ -209,6 +209,31 @@ impl SubOutcome {
 /// Connect time (ns) once subscribed, or why it could not subscribe.
 type Ready = oneshot::Sender<Result<u64, String>>;
 
+/// Runs a subscriber's setup (connect and subscribe) within the run's deadline and tells the
+/// run how it went: the connection and its connect time, or why it failed (then `None`).
+async fn settle_setup<C>(
+    shared: &Shared,
+    ready: Ready,
+    setup: impl std::future::Future<Output = Result<(C, u64), String>>,
+) -> Option<C> {
+    let setup = tokio::select! {
+        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
+        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
+            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
+        }
+    };
+    match setup {
+        Ok((conn, connect_ns)) => {
+            let _ = ready.send(Ok(connect_ns));
+            Some(conn)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            None
+        }
+    }
+}
+
 /// Receive-side bookkeeping shared by both transports.
 struct Receiver {
     tracker: SeqTracker,
@@ -305,7 +330,7 @@ async fn ws_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
                 Some("subscribed") => {
                     let connect_ns =
                         u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    return Ok((ws, parsed.last_seq.unwrap_or(0), connect_ns));
+                    return Ok(((ws, parsed.last_seq.unwrap_or(0)), connect_ns));
                 }
                 Some("error") => {
                     return Err(format!(
@@ -319,20 +344,9 @@ async fn ws_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
         }
         Err("connection closed before subscribed".to_owned())
     };
-    let setup = tokio::select! {
-        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
-        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
-            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
-        }
+    let Some((mut ws, base)) = settle_setup(&shared, ready, setup).await else {
+        return SubOutcome::failed();
     };
-    let (mut ws, base, connect_ns) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return SubOutcome::failed();
-        }
-    };
-    let _ = ready.send(Ok(connect_ns));
     let mut rx = Receiver::new(base, shared.expected);
     let ended_early = loop {
         if rx.tracker.complete() {
@@ -389,20 +403,9 @@ async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOu
         let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         Ok((ws, connect_ns))
     };
-    let setup = tokio::select! {
-        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
-        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
-            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
-        }
+    let Some(mut ws) = settle_setup(&shared, ready, setup).await else {
+        return SubOutcome::failed();
     };
-    let (mut ws, connect_ns) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return SubOutcome::failed();
-        }
-    };
-    let _ = ready.send(Ok(connect_ns));
     let mut rx = Receiver::new(FIRST_N - 1, shared.expected);
     let ended_early = loop {
         if rx.tracker.complete() {
@@ -469,20 +472,9 @@ async fn redis_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
         let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         Ok((conn, connect_ns))
     };
-    let setup = tokio::select! {
-        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
-        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
-            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
-        }
+    let Some(mut conn) = settle_setup(&shared, ready, setup).await else {
+        return SubOutcome::failed();
     };
-    let (mut conn, connect_ns) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return SubOutcome::failed();
-        }
-    };
-    let _ = ready.send(Ok(connect_ns));
     let mut rx = Receiver::new(FIRST_N - 1, shared.expected);
     let ended_early = loop {
         if rx.tracker.complete() {
@@ -562,22 +554,11 @@ async fn sse_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
         }
         // The hub registers the subscription before it answers, so headers mean subscribed.
         let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        Ok((conn, resp.into_body(), connect_ns))
+        Ok(((conn, resp.into_body()), connect_ns))
     };
-    let setup = tokio::select! {
-        _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
-        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
-            r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
-        }
+    let Some((_conn, mut body)) = settle_setup(&shared, ready, setup).await else {
+        return SubOutcome::failed();
     };
-    let (_conn, mut body, connect_ns) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return SubOutcome::failed();
-        }
-    };
-    let _ = ready.send(Ok(connect_ns));
     // A live-only SSE stream does not say where it starts; the channel is new to this run, so
     // its first seq is 1.
     let mut rx = Receiver::new(0, shared.expected);
