@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -21,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{HttpConn, Target};
+use super::idle::Frame;
 use super::peer::{self, Peer, PeerData, RedisConn, RedisPush, SioPacket};
 use super::procstat::MachineSample;
 use super::stats::{human_ns, human_rate, Histogram};
@@ -148,23 +148,6 @@ impl SeqTracker {
     }
 }
 
-/// The fields of a WebSocket frame or SSE message the bench looks at.
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(borrow, default)]
-    op: Option<&'a str>,
-    seq: Option<u64>,
-    last_seq: Option<u64>,
-    data: Option<Stamp>,
-    code: Option<String>,
-    message: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Stamp {
-    t: Option<u64>,
-}
-
 /// Publishes carry the message number `n` (1-based) alongside the time stamp only for peers.
 const FIRST_N: u64 = 1;
 
@@ -209,16 +192,30 @@ impl SubOutcome {
 /// Connect time (ns) once subscribed, or why it could not subscribe.
 type Ready = oneshot::Sender<Result<u64, String>>;
 
-/// Runs a subscriber's setup (connect and subscribe) within the run's deadline and tells the
-/// run how it went: the connection and its connect time, or why it failed (then `None`).
+/// Runs a subscriber's setup (connect and subscribe) under the connect limiter and within the
+/// run's deadline, timing it from when it may start, and tells the run how it went: the
+/// connection and its connect time, or why it failed (then `None`).
 async fn settle_setup<C>(
     shared: &Shared,
     ready: Ready,
-    setup: impl std::future::Future<Output = Result<(C, u64), String>>,
+    setup: impl std::future::Future<Output = Result<C, String>>,
 ) -> Option<C> {
+    let timed = async {
+        let _permit = shared
+            .connects
+            .acquire()
+            .await
+            .map_err(|_| "connect limiter closed".to_owned())?;
+        let started = Instant::now();
+        let conn = setup.await?;
+        Ok((
+            conn,
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        ))
+    };
     let setup = tokio::select! {
         _ = shared.cancel.cancelled() => Err("cancelled before subscribed".to_owned()),
-        r = tokio::time::timeout_at(shared.deadline.into(), setup) => {
+        r = tokio::time::timeout_at(shared.deadline.into(), timed) => {
             r.unwrap_or_else(|_| Err("timed out before subscribed".to_owned()))
         }
     };
@@ -307,42 +304,9 @@ impl Receiver {
 
 async fn ws_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
     let setup = async {
-        let _permit = shared
-            .connects
-            .acquire()
-            .await
-            .map_err(|_| "connect limiter closed".to_owned())?;
-        let started = Instant::now();
         let mut ws = shared.target.websocket().await.map_err(|e| e.to_string())?;
-        let subscribe = json!({"op": "subscribe", "channel": shared.channel}).to_string();
-        ws.send(WsMessage::text(subscribe))
-            .await
-            .map_err(|e| format!("sending subscribe: {e}"))?;
-        // Frames before `subscribed` (none are expected) are skipped; the deadline bounds this.
-        while let Some(frame) = ws.next().await {
-            let frame = frame.map_err(|e| format!("before subscribed: {e}"))?;
-            let WsMessage::Text(text) = frame else {
-                continue;
-            };
-            let parsed: Frame<'_> = serde_json::from_str(text.as_str())
-                .map_err(|e| format!("unparsable frame before subscribed: {e}"))?;
-            match parsed.op {
-                Some("subscribed") => {
-                    let connect_ns =
-                        u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    return Ok(((ws, parsed.last_seq.unwrap_or(0)), connect_ns));
-                }
-                Some("error") => {
-                    return Err(format!(
-                        "subscribe refused: {} {}",
-                        parsed.code.unwrap_or_default(),
-                        parsed.message.unwrap_or_default()
-                    ))
-                }
-                _ => {}
-            }
-        }
-        Err("connection closed before subscribed".to_owned())
+        let subscribed = super::idle::ws_subscribe(&mut ws, &shared.channel, None).await?;
+        Ok((ws, subscribed.last_seq))
     };
     let Some((mut ws, base)) = settle_setup(&shared, ready, setup).await else {
         return SubOutcome::failed();
@@ -385,12 +349,6 @@ async fn ws_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
 async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOutcome {
     let path = peer.subscribe_path(&shared.channel);
     let setup = async {
-        let _permit = shared
-            .connects
-            .acquire()
-            .await
-            .map_err(|_| "connect limiter closed".to_owned())?;
-        let started = Instant::now();
         let mut ws = shared
             .target
             .websocket_at(&path)
@@ -400,8 +358,7 @@ async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOu
             sio_connect(&mut ws).await?;
         }
         // Nchan subscribes during the handshake: an open socket is a subscription.
-        let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        Ok((ws, connect_ns))
+        Ok(ws)
     };
     let Some(mut ws) = settle_setup(&shared, ready, setup).await else {
         return SubOutcome::failed();
@@ -460,17 +417,10 @@ async fn peer_subscriber(shared: Arc<Shared>, ready: Ready, peer: Peer) -> SubOu
 /// payload is the published body.
 async fn redis_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
     let setup = async {
-        let _permit = shared
-            .connects
-            .acquire()
-            .await
-            .map_err(|_| "connect limiter closed".to_owned())?;
-        let started = Instant::now();
         let tcp = shared.target.tcp().await.map_err(|e| e.to_string())?;
         let mut conn = RedisConn::new(tcp);
         conn.subscribe(&shared.channel).await?;
-        let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        Ok((conn, connect_ns))
+        Ok(conn)
     };
     let Some(mut conn) = settle_setup(&shared, ready, setup).await else {
         return SubOutcome::failed();
@@ -536,12 +486,6 @@ pub(super) async fn sio_connect(
 async fn sse_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
     let path = format!("/api/channels/{}/events", shared.channel);
     let setup = async {
-        let _permit = shared
-            .connects
-            .acquire()
-            .await
-            .map_err(|_| "connect limiter closed".to_owned())?;
-        let started = Instant::now();
         let mut conn = HttpConn::connect(&shared.target)
             .await
             .map_err(|e| e.to_string())?;
@@ -553,8 +497,7 @@ async fn sse_subscriber(shared: Arc<Shared>, ready: Ready) -> SubOutcome {
             return Err(format!("GET {path} answered {}", resp.status()));
         }
         // The hub registers the subscription before it answers, so headers mean subscribed.
-        let connect_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        Ok(((conn, resp.into_body()), connect_ns))
+        Ok((conn, resp.into_body()))
     };
     let Some((_conn, mut body)) = settle_setup(&shared, ready, setup).await else {
         return SubOutcome::failed();
