@@ -86,42 +86,35 @@ pub struct ChannelMeta {
     pub last_activity_ms: Option<i64>,
 }
 
-/// Receives committed messages in commit order; implemented by the hub's live fan-out.
 /// Subscribers to wake once the publisher has its answer; see [`LiveSink::committed_deferred`].
 #[must_use = "subscribers wait until this is woken"]
-pub struct Wake(Option<Box<dyn FnOnce() + Send>>);
+pub struct Wake(Box<dyn FnOnce() + Send>);
 
 impl Wake {
-    pub fn none() -> Self {
-        Self(None)
-    }
-
     pub fn new(wake: impl FnOnce() + Send + 'static) -> Self {
-        Self(Some(Box::new(wake)))
+        Self(Box::new(wake))
     }
 
     pub fn wake(self) {
-        if let Some(wake) = self.0 {
-            wake();
-        }
+        (self.0)();
     }
 }
 
+/// Receives committed messages in commit order; implemented by the hub's live fan-out.
 pub trait LiveSink: Send + Sync + 'static {
-    /// `messages` are one channel's, consecutive, in seq order, all of `epoch`.
-    fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]);
-    /// Like [`committed`](Self::committed), but subscribers are woken only when the returned
-    /// [`Wake`] is: an engine acknowledges the publisher first, so the next publish is on its
-    /// way while this one fans out (and later subscribers of the round get both in one write).
-    /// Readers see the messages at once either way.
+    /// `messages` are one channel's, consecutive, in seq order, all of `epoch`; readers see
+    /// them at once, subscribers are woken only when the returned [`Wake`] is: an engine
+    /// acknowledges the publisher first, so the next publish is on its way while this one fans
+    /// out (and later subscribers of the round get both in one write).
     fn committed_deferred(
         &self,
         channel: &ChannelName,
         epoch: &Epoch,
         messages: &[SharedMessage],
-    ) -> Wake {
-        self.committed(channel, epoch, messages);
-        Wake::none()
+    ) -> Wake;
+    /// [`committed_deferred`](Self::committed_deferred), waking subscribers at once.
+    fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]) {
+        self.committed_deferred(channel, epoch, messages).wake();
     }
     /// The channel's history was dropped; `epoch` is the new one and seq restarts at 1.
     fn reset(&self, channel: &ChannelName, epoch: &Epoch);

@@ -266,10 +266,6 @@ impl Live {
 }
 
 impl LiveSink for Live {
-    fn committed(&self, channel: &ChannelName, epoch: &Epoch, messages: &[SharedMessage]) {
-        self.committed_deferred(channel, epoch, messages).wake();
-    }
-
     fn committed_deferred(
         &self,
         channel: &ChannelName,
